@@ -1,0 +1,29 @@
+//! Makes every binary, test and bench of this package find libtorch at run time with no
+//! environment variables (shared/reference/STACK.md §1).
+//!
+//! - rpath to this checkout's libtorch, plus `$ORIGIN`-relative ones so that a binary copied
+//!   into another checkout's `target/<profile>/` (or a GPU machine) finds `.libtorch/lib` there;
+//! - `--no-as-needed -ltorch_cuda` when the CUDA build of libtorch is installed, because the
+//!   linker would otherwise drop libtorch_cuda (nothing references it by symbol) and
+//!   `Cuda::is_available()` would be false even on a GPU machine (tch-rs #980).
+//!
+//! `AXIAL_NO_CUDA=1` skips the CUDA library (for the slim, CPU-only libtorch it is skipped anyway).
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=AXIAL_NO_CUDA");
+    let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
+        panic!("DEP_TCH_LIBTORCH_LIB is not set: torch-sys must be a direct dependency");
+    };
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/../../.libtorch/lib");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/../../../.libtorch/lib");
+    let cudnn = lib.join("../../nvidia/cudnn/lib/libcudnn.so.9");
+    let has_cuda = lib.join("libtorch_cuda.so").exists()
+        && cudnn.exists()
+        && std::env::var_os("AXIAL_NO_CUDA").is_none();
+    if has_cuda {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
+}
