@@ -658,24 +658,48 @@ mod tests {
             ("[model]\narch = \"axial99\"\n", "model.arch"),
             ("[model]\nlayers = [1, 2, 3]\n", "model.layers"),
             ("[model]\nlayers = [1, 0, 1, 1]\n", "model.layers"),
-            ("[model]\narch = \"axial26s\"\nwidth = -1.0\n", "model.width"),
+            (
+                "[model]\narch = \"axial26s\"\nwidth = -1.0\n",
+                "model.width",
+            ),
             ("[model]\narch = \"axial26s\"\nheads = 7\n", "model.heads"),
-            ("[model]\narch = \"axial26s\"\nnum_classes = 0\n", "model.num_classes"),
-            ("[model]\narch = \"axial26s\"\nimage_size = 8\n", "model.image_size"),
+            (
+                "[model]\narch = \"axial26s\"\nnum_classes = 0\n",
+                "model.num_classes",
+            ),
+            (
+                "[model]\narch = \"axial26s\"\nimage_size = 8\n",
+                "model.image_size",
+            ),
             ("[model]\narch = \"axial26s\"\nspan = 0\n", "model.span"),
             ("[model]\narch = \"axial26s\"\nspan = \"local\"\n", "span"),
-            ("[model]\narch = \"axial26s\"\nattention = [true, false, true, true]\n", "model.attention"),
-            ("[model]\narch = \"resnet26\"\nattention = [true, true, true, true]\n", "model.attention"),
+            (
+                "[model]\narch = \"axial26s\"\nattention = [true, false, true, true]\n",
+                "model.attention",
+            ),
+            (
+                "[model]\narch = \"resnet26\"\nattention = [true, true, true, true]\n",
+                "model.attention",
+            ),
             ("[model]\narch = \"axial26s\"\nheds = 8\n", "heds"),
-            ("[model]\narch = \"axial26s\"\nvariant = \"tf\"\n", "variant"),
-            ("[model]\narch = \"axial26s\"\nimage_size = [1, 2, 3]\n", "image_size"),
+            (
+                "[model]\narch = \"axial26s\"\nvariant = \"tf\"\n",
+                "variant",
+            ),
+            (
+                "[model]\narch = \"axial26s\"\nimage_size = [1, 2, 3]\n",
+                "image_size",
+            ),
             ("[train]\nepochs = 1\n", "[model]"),
             ("[model\n", "test.toml"),
             ("[model]\nvariant = \"seed\"\n", "layers"),
         ];
         for (text, key) in cases {
             let err = parse(text).expect_err(text).to_string();
-            assert!(err.contains(key), "{text:?} gave {err:?}, which does not name {key}");
+            assert!(
+                err.contains(key),
+                "{text:?} gave {err:?}, which does not name {key}"
+            );
         }
     }
 }

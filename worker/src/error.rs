@@ -1,0 +1,43 @@
+//! The worker's error type. Every variant says what was being done and with which file, so a
+//! user sees the whole story in one line (`main` prints the chain with `{:#}`).
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] axial_common::ConfigError),
+
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: tch::TchError,
+    },
+
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A weights file does not fit the model; lists every offending key.
+    #[error("{path}: the weights do not fit the model ({variant} layout):\n{report}")]
+    WeightsMismatch {
+        path: PathBuf,
+        variant: &'static str,
+        report: super::model::weights::Mismatch,
+    },
+
+    /// A tensor file lacks a tensor or holds one of the wrong shape or type.
+    #[error("{path}: {message}")]
+    BadTensor { path: PathBuf, message: String },
+
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
