@@ -153,7 +153,7 @@ pub fn run(args: &ForwardArgs) -> Result<Vec<String>> {
         }
     });
     if let Some(labels) = &labels {
-        let loss = logits.cross_entropy_for_logits(labels);
+        let loss = crate::model::cross_entropy(&logits, labels);
         loss.backward();
         out.push(("loss".to_owned(), loss.detach().reshape([1])));
         let mut grads: Vec<(String, Tensor)> = model

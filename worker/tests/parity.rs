@@ -76,7 +76,7 @@ fn official_model_matches_the_pytorch_reference() {
     // Train mode: batch statistics, then loss and backward.
     let logits_train = model.net.forward_t(input, true);
     let e_train = max_abs_diff(&logits_train, &fx["logits_train"]);
-    let loss = logits_train.cross_entropy_for_logits(labels);
+    let loss = axial_worker::model::cross_entropy(&logits_train, labels);
     let e_loss = max_abs_diff(&loss.reshape([1]), &fx["loss_train"]);
     loss.backward();
 

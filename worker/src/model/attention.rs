@@ -57,6 +57,8 @@ pub struct AttentionConfig {
     /// AvgPool (kernel = stride) applied to the output, as the official width layer does.
     pub stride: i64,
     pub convention: Convention,
+    /// `bn_output` on the two output terms (official: yes; the seed has none).
+    pub output_bn: bool,
 }
 
 /// Softmax weights of one layer, detached: `[N, other axis, heads, L (query), L (key)]`.
@@ -128,12 +130,9 @@ impl AxialAttention {
             ),
             bn_qkv: BatchNorm::new(&p / "bn_qkv", 2 * cfg.out_planes, false),
             bn_similarity: BatchNorm::new(&p / "bn_similarity", 3 * cfg.heads, false),
-            bn_output: match cfg.convention {
-                Convention::Official => {
-                    Some(BatchNorm::new(&p / "bn_output", 2 * cfg.out_planes, false))
-                }
-                Convention::Seed => None,
-            },
+            bn_output: cfg
+                .output_bn
+                .then(|| BatchNorm::new(&p / "bn_output", 2 * cfg.out_planes, false)),
             relative: p.var("relative", &[2 * gp, 2 * cfg.span - 1], rel_init),
             index: Mutex::new(None),
             cfg,

@@ -101,6 +101,7 @@ impl AxialBlock {
                     axis,
                     stride,
                     convention,
+                    output_bn: convention == Convention::Official,
                 },
             )
         };

@@ -48,3 +48,9 @@ impl Model {
             .sum()
     }
 }
+
+/// Mean cross-entropy of `logits` `[N, classes]` against `labels` `[N]`, in the logits' own
+/// precision (tch's `cross_entropy_for_logits` always computes in float32).
+pub fn cross_entropy(logits: &tch::Tensor, labels: &tch::Tensor) -> tch::Tensor {
+    logits.log_softmax(-1, logits.kind()).nll_loss(labels)
+}
