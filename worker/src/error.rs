@@ -29,7 +29,7 @@ pub enum Error {
     WeightsMismatch {
         path: PathBuf,
         variant: &'static str,
-        report: super::model::weights::Mismatch,
+        report: Box<super::model::weights::Mismatch>,
     },
 
     /// A tensor file lacks a tensor or holds one of the wrong shape or type.

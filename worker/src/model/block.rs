@@ -185,8 +185,8 @@ impl Bottleneck {
 
 #[derive(Debug)]
 pub enum Block {
-    Axial(AxialBlock),
-    Conv(Bottleneck),
+    Axial(Box<AxialBlock>),
+    Conv(Box<Bottleneck>),
 }
 
 impl Block {

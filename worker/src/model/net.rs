@@ -39,15 +39,15 @@ impl AxialResNet {
                     .enumerate()
                     .map(|(b, g)| {
                         if g.attention {
-                            Block::Axial(AxialBlock::new(
+                            Block::Axial(Box::new(AxialBlock::new(
                                 &lp / b,
                                 g,
                                 config.variant,
                                 config.heads,
                                 zero_init,
-                            ))
+                            )))
                         } else {
-                            Block::Conv(Bottleneck::new(&lp / b, g, config.variant, zero_init))
+                            Block::Conv(Box::new(Bottleneck::new(&lp / b, g, config.variant, zero_init)))
                         }
                     })
                     .collect()

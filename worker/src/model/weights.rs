@@ -267,7 +267,7 @@ impl Model {
             .map_err(|report| Error::WeightsMismatch {
                 path: path.to_owned(),
                 variant: self.names().variant.as_str(),
-                report,
+                report: Box::new(report),
             })
     }
 

@@ -1,0 +1,217 @@
+//! `axial-worker forward` reproduces the PyTorch reference from the reference's own files, and
+//! turns bad input into clear errors.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use axial_e2e::{bin, fixtures_dir, run};
+use tch::{Kind, Tensor};
+
+const MODEL: &str = "[model]\nvariant = \"official\"\nlayers = [1, 2, 4, 1]\nwidth = 0.25\nheads = 8\nnum_classes = 10\nimage_size = 32\n";
+
+struct Files {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    fixture: HashMap<String, Tensor>,
+}
+
+impl Files {
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+/// Splits the fixture into the files a user would have: model table, weights, input, labels.
+fn files() -> Files {
+    let fixture_path = fixtures_dir().join("axial26-quarter-official-32px.safetensors");
+    let fixture: HashMap<String, Tensor> = Tensor::read_safetensors(&fixture_path)
+        .unwrap_or_else(|e| panic!("fixture {}: {e}", fixture_path.display()))
+        .into_iter()
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_owned();
+    std::fs::write(root.join("model.toml"), MODEL).expect("write");
+    let state: Vec<(String, Tensor)> = fixture
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("state.")
+                .map(|n| (n.to_owned(), v.shallow_clone()))
+        })
+        .collect();
+    Tensor::write_safetensors(&state, root.join("weights.safetensors")).expect("write");
+    Tensor::write_safetensors(
+        &[("input", &fixture["input"])],
+        root.join("input.safetensors"),
+    )
+    .expect("write");
+    Tensor::write_safetensors(
+        &[("labels", &fixture["labels"])],
+        root.join("labels.safetensors"),
+    )
+    .expect("write");
+    Files {
+        _dir: dir,
+        root,
+        fixture,
+    }
+}
+
+fn forward(f: &Files, extra: &[&str], output: &Path) -> std::process::Output {
+    run(Command::new(bin("axial-worker"))
+        .arg("forward")
+        .arg("--model")
+        .arg(f.path("model.toml"))
+        .arg("--weights")
+        .arg(f.path("weights.safetensors"))
+        .arg("--input")
+        .arg(f.path("input.safetensors"))
+        .arg("--output")
+        .arg(output)
+        .args(["--device", "cpu"])
+        .args(extra))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+#[test]
+fn forward_reproduces_the_reference_logits_loss_and_gradients() {
+    let f = files();
+    let eval_out = f.path("eval.safetensors");
+    assert!(forward(&f, &[], &eval_out).status.success());
+    let eval: HashMap<String, Tensor> = Tensor::read_safetensors(&eval_out)
+        .expect("read")
+        .into_iter()
+        .collect();
+    let e = max_abs_diff(&eval["logits"], &f.fixture["logits_eval"]);
+    println!("eval logits: max abs error {e:.3e}");
+    assert!(e <= 1e-4);
+    assert!(!eval.contains_key("loss"), "no labels, no loss");
+
+    let train_out = f.path("train.safetensors");
+    let labels = f.path("labels.safetensors");
+    let out = forward(
+        &f,
+        &["--train", "--labels", labels.to_str().expect("utf8")],
+        &train_out,
+    );
+    assert!(out.status.success());
+    let train: HashMap<String, Tensor> = Tensor::read_safetensors(&train_out)
+        .expect("read")
+        .into_iter()
+        .collect();
+    let e_logits = max_abs_diff(&train["logits"], &f.fixture["logits_train"]);
+    let e_loss = max_abs_diff(&train["loss"], &f.fixture["loss_train"]);
+    println!("train logits: max abs error {e_logits:.3e}; loss: {e_loss:.3e}");
+    assert!(e_logits <= 1e-4 && e_loss <= 1e-4);
+    assert_eq!(train["loss"].size(), [1]);
+    let mut compared = 0;
+    for (key, reference) in &f.fixture {
+        if !(key.starts_with("grad.") || key.starts_with("after_train.")) {
+            continue;
+        }
+        let ours = train
+            .get(key)
+            .unwrap_or_else(|| panic!("output lacks {key}"));
+        let scale = reference
+            .to_kind(Kind::Double)
+            .abs()
+            .max()
+            .double_value(&[])
+            .max(1e-12);
+        let err = max_abs_diff(ours, reference);
+        let ok = if key.starts_with("grad.") {
+            err / scale <= 1e-3
+        } else {
+            err <= 1e-5
+        };
+        assert!(ok, "{key}: error {err:.3e} (scale {scale:.3e})");
+        compared += 1;
+    }
+    println!("compared {compared} gradients and running statistics");
+    assert_eq!(compared, 193 + 207);
+}
+
+fn fails_with(out: &std::process::Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail");
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "stderr does not mention {n:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let f = files();
+    let out = f.path("out.safetensors");
+
+    // An input file without `input`, and one of the wrong shape.
+    Tensor::write_safetensors(
+        &[("pixels", &f.fixture["input"])],
+        f.path("input.safetensors"),
+    )
+    .expect("write");
+    fails_with(
+        &forward(&f, &[], &out),
+        &["no tensor named \"input\"", "pixels"],
+    );
+    let flat = f.fixture["input"].flatten(1, -1);
+    Tensor::write_safetensors(&[("input", &flat)], f.path("input.safetensors")).expect("write");
+    fails_with(&forward(&f, &[], &out), &["[N, 3, H, W]", "[4, 3072]"]);
+    Tensor::write_safetensors(
+        &[("input", &f.fixture["input"])],
+        f.path("input.safetensors"),
+    )
+    .expect("write");
+
+    // Labels out of range.
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 10]);
+    Tensor::write_safetensors(&[("labels", &labels)], f.path("labels.safetensors")).expect("write");
+    let labels_path = f.path("labels.safetensors");
+    fails_with(
+        &forward(&f, &["--labels", labels_path.to_str().expect("utf8")], &out),
+        &["10 classes"],
+    );
+
+    // A model table with a bad key, and one that does not fit the weights.
+    std::fs::write(
+        f.path("model.toml"),
+        MODEL.replace("heads = 8", "heads = 8\nheds = 3"),
+    )
+    .expect("write");
+    fails_with(&forward(&f, &[], &out), &["model.toml", "heds"]);
+    std::fs::write(
+        f.path("model.toml"),
+        MODEL.replace("num_classes = 10", "num_classes = 7"),
+    )
+    .expect("write");
+    fails_with(
+        &forward(&f, &[], &out),
+        &["do not fit", "fc.weight", "[7, 512]", "[10, 512]"],
+    );
+    std::fs::write(
+        f.path("model.toml"),
+        MODEL.replace("\"official\"", "\"seed\""),
+    )
+    .expect("write");
+    fails_with(
+        &forward(&f, &[], &out),
+        &[
+            "seed layout",
+            "missing keys",
+            "unexpected keys",
+            "hight_block",
+        ],
+    );
+
+    // Nothing was written by any failed run.
+    assert!(!out.exists());
+}
