@@ -1,1 +1,147 @@
-fn main() {}
+//! CPU (or CUDA) training throughput of the Axial-ResNet, measured as in
+//! shared/reference/MODEL.md §7: axial26s with spans scaled to the input, 10 classes, batch 16,
+//! float32, 2 intra-op threads, random data; a step is forward + cross-entropy + backward + SGD
+//! (Nesterov, weight decay). 5 warm-up steps, then the median of 30.
+//!
+//! `cargo bench -p axial-worker --bench train_step [-- --sizes 32,64 --iters 30 --arch axial26s
+//!  --batch 16 --threads 2 --device cpu]`
+
+use std::time::Instant;
+
+use axial_common::ModelSpec;
+use axial_common::model::ImageSize;
+use axial_worker::forward::parse_device;
+use axial_worker::model::Model;
+use axial_worker::train::{sgd, train_step};
+use tch::{Device, Kind, Tensor};
+
+struct Args {
+    arch: String,
+    sizes: Vec<i64>,
+    batch: i64,
+    iters: usize,
+    warmup: usize,
+    threads: i32,
+    device: Device,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        arch: "axial26s".into(),
+        sizes: vec![32, 64],
+        batch: 16,
+        iters: 30,
+        warmup: 5,
+        threads: 2,
+        device: Device::Cpu,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--bench" {
+            continue; // passed by cargo bench
+        }
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
+        match flag.as_str() {
+            "--arch" => a.arch = value,
+            "--sizes" => {
+                a.sizes = value
+                    .split(',')
+                    .map(|s| s.parse().map_err(|e| bad(&e)))
+                    .collect::<Result<_, _>>()?
+            }
+            "--batch" => a.batch = value.parse().map_err(|e| bad(&e))?,
+            "--iters" => a.iters = value.parse().map_err(|e| bad(&e))?,
+            "--warmup" => a.warmup = value.parse().map_err(|e| bad(&e))?,
+            "--threads" => a.threads = value.parse().map_err(|e| bad(&e))?,
+            "--device" => a.device = parse_device(&value)?,
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    if a.iters == 0 {
+        return Err("--iters must be at least 1".into());
+    }
+    Ok(a)
+}
+
+fn median_ms(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2] * 1e3
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("train_step bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    tch::set_num_threads(args.threads);
+    println!(
+        "{} | batch {} | {} threads | {:?} | median of {} after {} warm-up",
+        args.arch, args.batch, args.threads, args.device, args.iters, args.warmup
+    );
+    println!("| input | params | train step ms | train images/s | eval forward images/s |");
+    println!("|---|---|---|---|---|");
+    for &size in &args.sizes {
+        let spec = ModelSpec {
+            arch: Some(args.arch.clone()),
+            num_classes: Some(10),
+            image_size: Some(ImageSize {
+                height: size,
+                width: size,
+            }),
+            ..ModelSpec::default()
+        };
+        let config = match spec.resolve() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("train_step bench: {e}");
+                std::process::exit(2);
+            }
+        };
+        let model = Model::new(&config, args.device, 0);
+        let Ok(mut opt) = sgd(&model.vs, 0.1) else {
+            eprintln!("train_step bench: cannot build the optimizer");
+            std::process::exit(1);
+        };
+        let x = Tensor::randn([args.batch, 3, size, size], (Kind::Float, args.device));
+        let y = Tensor::randint(10, [args.batch], (Kind::Int64, args.device));
+        let mut train = Vec::with_capacity(args.iters);
+        for i in 0..args.warmup + args.iters {
+            let t = Instant::now();
+            let loss = train_step(&model.net, &mut opt, &x, &y);
+            sync(args.device);
+            if i >= args.warmup {
+                train.push(t.elapsed().as_secs_f64());
+            }
+            drop(loss);
+        }
+        let mut eval = Vec::with_capacity(args.iters);
+        tch::no_grad(|| {
+            for i in 0..args.warmup + args.iters {
+                let t = Instant::now();
+                let _ = model.net.forward_t(&x, false);
+                sync(args.device);
+                if i >= args.warmup {
+                    eval.push(t.elapsed().as_secs_f64());
+                }
+            }
+        });
+        let (train_ms, eval_ms) = (median_ms(train), median_ms(eval));
+        let per_s = |ms: f64| args.batch as f64 / (ms / 1e3);
+        println!(
+            "| {size}x{size} | {} | {train_ms:.1} | {:.1} | {:.1} |",
+            model.parameter_count(),
+            per_s(train_ms),
+            per_s(eval_ms)
+        );
+    }
+}

@@ -4,10 +4,14 @@
 //!   PyTorch names, attention maps.
 //! - [`forward`]: `axial-worker forward`, running a model on tensors from files (checking an
 //!   imported checkpoint; cross-framework parity).
+//! - [`train`]: the training step and the recipe's optimizer.
+//! - [`demo`]: `axial-worker demo`, a few training steps on a random batch (no data needed).
 //! - [`error::Error`]: the crate's one error type.
 
+pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod model;
+pub mod train;
 
 pub use error::{Error, Result};

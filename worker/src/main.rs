@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run a model on tensors from files (check an imported checkpoint; parity with PyTorch).
     Forward(axial_worker::forward::ForwardArgs),
+    /// Train a model for a few steps on one random batch: loss and throughput (no data needed).
+    Demo(axial_worker::demo::DemoArgs),
 }
 
 fn main() {
@@ -26,6 +28,9 @@ fn main() {
         Command::Forward(args) => axial_worker::forward::run(&args)
             .map(|names| println!("wrote {} tensors to {}", names.len(), args.output.display()))
             .context("forward failed"),
+        Command::Demo(args) => axial_worker::demo::run(&args)
+            .map(|_| ())
+            .context("demo failed"),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

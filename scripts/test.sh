@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The project's one test command: sets up libtorch if needed, then runs the checks cheapest
+# first (format, lints, tests). CI (.ci/run) runs exactly this.
+#
+# The cargo target dir and the torch venv live in a cache outside the clone
+# (${XDG_CACHE_HOME:-~/.cache}/axial/), so a second run, or a run from a fresh clone, is quick.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/axial"
+
+scripts/setup-libtorch.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+# Point torch-sys at the venv itself rather than this clone's .libtorch symlink: the path is then
+# the same for every clone, and the cached libtorch bindings (2-3 min to compile) are reused.
+LIBTORCH="$(readlink -f .libtorch)"
+export LIBTORCH
+
+step() { printf '\n== %s\n' "$*"; }
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo test"
+cargo test --workspace --locked
