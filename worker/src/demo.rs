@@ -73,7 +73,12 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         args.batch
     );
     let images = Tensor::randn(
-        [args.batch, 3, config.image_size.height, config.image_size.width],
+        [
+            args.batch,
+            3,
+            config.image_size.height,
+            config.image_size.width,
+        ],
         (Kind::Float, device),
     );
     let labels = Tensor::randint(config.num_classes, [args.batch], (Kind::Int64, device));

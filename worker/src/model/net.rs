@@ -47,7 +47,12 @@ impl AxialResNet {
                                 zero_init,
                             )))
                         } else {
-                            Block::Conv(Box::new(Bottleneck::new(&lp / b, g, config.variant, zero_init)))
+                            Block::Conv(Box::new(Bottleneck::new(
+                                &lp / b,
+                                g,
+                                config.variant,
+                                zero_init,
+                            )))
                         }
                     })
                     .collect()
