@@ -5,11 +5,21 @@
 //!   resolved, validated [`model::ModelConfig`] that the worker builds a network from, with the
 //!   presets (`axial26s`, `axial50s`, `axial50m`, `axial50l`, `seed26/38/50`, `resnet26/50`)
 //!   and the per-stage geometry (channels, spatial sizes, attention spans).
+//! - [`job`]: the whole job file ([`job::JobConfig`]): data, training, optimizer, schedule,
+//!   checkpoints, evaluation, metrics.
+//! - [`rng::Rng`]: the deterministic random streams everything reproducible draws from.
 //! - [`error::ConfigError`]: every configuration error names the key, the value and what is
 //!   allowed.
 
 pub mod error;
+pub mod job;
 pub mod model;
+pub mod rng;
 
 pub use error::ConfigError;
+pub use job::JobConfig;
 pub use model::{ModelConfig, ModelSpec, Span, Variant};
+pub use rng::Rng;
+
+/// Classes of the built-in procedural dataset.
+pub const BUILTIN_CLASSES: i64 = 10;

@@ -4,10 +4,13 @@
 //!   PyTorch names, attention maps.
 //! - [`forward`]: `axial-worker forward`, running a model on tensors from files (checking an
 //!   imported checkpoint; cross-framework parity).
+//! - [`data`]: datasets (builtin, image folder, tar shards, CIFAR-10, MNIST), manifests,
+//!   augmentation and the threaded loader.
 //! - [`train`]: the training step and the recipe's optimizer.
 //! - [`demo`]: `axial-worker demo`, a few training steps on a random batch (no data needed).
 //! - [`error::Error`]: the crate's one error type.
 
+pub mod data;
 pub mod demo;
 pub mod error;
 pub mod forward;
