@@ -386,7 +386,7 @@ impl JobConfig {
         };
         fix(&mut self.data.train);
         fix(&mut self.data.val);
-        if self.checkpoint.dir.is_relative() {
+        if self.checkpoint.dir.is_relative() && !self.checkpoint.dir.as_os_str().is_empty() {
             self.checkpoint.dir = base.join(&self.checkpoint.dir);
         }
     }
@@ -667,5 +667,221 @@ impl JobConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[model]
+arch = "axial26s"
+num_classes = 10
+[data]
+format = "builtin"
+train = 1000
+val = 100
+image_size = 32
+[train]
+epochs = 13
+batch_size = 32
+"#;
+
+    fn parse(text: &str) -> Result<JobConfig, ConfigError> {
+        JobConfig::parse(text, "job.toml", Path::new("/jobs"))
+    }
+
+    #[test]
+    fn defaults_follow_the_recipe() {
+        let job = parse(GOOD).expect("valid");
+        assert_eq!(job.optim.name, OptimizerName::Sgd);
+        assert!(job.optim.nesterov);
+        assert_eq!(job.optim.momentum, 0.9);
+        assert_eq!(job.optim.weight_decay, 8e-5);
+        assert_eq!(job.schedule.name, ScheduleName::Cosine);
+        assert!(
+            (job.warmup_epochs() - 1.0).abs() < 1e-12,
+            "10/130 of 13 epochs"
+        );
+        assert!((job.peak_lr(256) - 0.1).abs() < 1e-12);
+        assert!((job.peak_lr(64) - 0.025).abs() < 1e-12);
+        assert_eq!(job.model.image_size.height, 32);
+        assert_eq!(job.checkpoint.dir, Path::new("/jobs/runs/axial"));
+        assert_eq!(job.train.precision, Precision::Fp32);
+        // The resolved job round-trips.
+        let again: JobConfig = toml::from_str(&job.to_toml()).expect("resolved job parses");
+        assert_eq!(again, job);
+    }
+
+    #[test]
+    fn invalid_job_files_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("epochs = 13", "epochs = 0", "train.epochs"),
+            ("batch_size = 32", "batch_size = -4", "train.batch_size"),
+            (
+                "batch_size = 32",
+                "batch_size = 32\nprecison = \"fp16\"",
+                "precison",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\nprecision = \"fp8\"",
+                "precision",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\nlabel_smoothing = 1.5",
+                "train.label_smoothing",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\ndevice = \"tpu\"",
+                "train.device",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\naccumulate = 0",
+                "train.accumulate",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\nclip_grad_norm = -1.0",
+                "train.clip_grad_norm",
+            ),
+            ("format = \"builtin\"", "format = \"parquet\"", "format"),
+            ("train = 1000", "train = \"/data/train\"", "data.train"),
+            ("train = 1000", "train = 0", "data.train"),
+            (
+                "num_classes = 10",
+                "num_classes = 10\nimage_size = 64",
+                "data.image_size",
+            ),
+            (
+                "image_size = 32",
+                "image_size = 32\nloader_threads = 0",
+                "data.loader_threads",
+            ),
+            (
+                "image_size = 32",
+                "image_size = 32\n[data.augment]\ncrop_scale = [0.9, 0.1]",
+                "data.augment.crop_scale",
+            ),
+            (
+                "image_size = 32",
+                "image_size = 32\n[data.augment]\nhflip = \"yes\"",
+                "hflip",
+            ),
+            (
+                "image_size = 32",
+                "image_size = 32\n[data.augment]\nstd = [0.2, 0.0, 0.2]",
+                "data.augment.std",
+            ),
+            ("num_classes = 10", "num_classes = 100", "model.num_classes"),
+            ("arch = \"axial26s\"", "arch = \"axial27\"", "model.arch"),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[optim]\nlr = 0.0",
+                "optim.lr",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[optim]\nname = \"lamb\"",
+                "name",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[optim]\nmomentum = 1.5",
+                "optim.momentum",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[optim]\nmomentum = 0.0",
+                "optim.nesterov",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[optim]\nweight_decay = -1.0",
+                "optim.weight_decay",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[optim]\nbetas = [0.9, 1.0]",
+                "optim.betas",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[schedule]\nwarmup_epochs = 20.0",
+                "schedule.warmup_epochs",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[schedule]\nname = \"step\"",
+                "schedule.milestones",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[schedule]\nname = \"step\"\nmilestones = [5, 3]",
+                "schedule.milestones",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[schedule]\nmilestones = [5]",
+                "schedule.milestones",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[schedule]\ngamma = 0.0",
+                "schedule.gamma",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[checkpoint]\nkeep = 0",
+                "checkpoint.keep",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[checkpoint]\ndir = \"\"",
+                "checkpoint.dir",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[eval]\nevery_epochs = 0",
+                "eval.every_epochs",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[metrics]\nlisten = \"localhost\"",
+                "metrics.listen",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\n[metrix]\nlisten = \"\"",
+                "metrix",
+            ),
+            ("[data]", "[dataa]", "dataa"),
+        ];
+        for (from, to, key) in cases {
+            assert!(GOOD.contains(from), "{from}");
+            let text = GOOD.replacen(from, to, 1);
+            let err = parse(&text).expect_err(to).to_string();
+            assert!(
+                err.contains(key),
+                "{to:?}: error {err:?} does not name {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_job_file() {
+        let text = GOOD
+            .replace(
+                "format = \"builtin\"\ntrain = 1000\nval = 100",
+                "format = \"imagefolder\"\ntrain = \"data/train\"\nval = \"/abs/val\"",
+            )
+            .replace("arch = \"axial26s\"", "arch = \"axial26s\"\n");
+        let job = parse(&text).expect("valid");
+        assert_eq!(job.data.train, Split::Path("/jobs/data/train".into()));
+        assert_eq!(job.data.val, Split::Path("/abs/val".into()));
     }
 }

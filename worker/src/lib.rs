@@ -7,13 +7,16 @@
 //! - [`data`]: datasets (builtin, image folder, tar shards, CIFAR-10, MNIST), manifests,
 //!   augmentation and the threaded loader.
 //! - [`train`]: the training step and the recipe's optimizer.
+//! - [`metrics`]: the worker's Prometheus metrics and `/metrics` endpoint.
 //! - [`demo`]: `axial-worker demo`, a few training steps on a random batch (no data needed).
 //! - [`error::Error`]: the crate's one error type.
 
+pub mod commands;
 pub mod data;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod metrics;
 pub mod model;
 pub mod train;
 

@@ -16,6 +16,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train a job file in this process (one worker).
+    Train(axial_worker::commands::TrainArgs),
+    /// Print the top-5 classes of images, from a checkpoint.
+    Predict(axial_worker::commands::PredictArgs),
+    /// Turn an image folder into tar shards with a manifest.
+    Prepare(axial_worker::commands::PrepareArgs),
     /// Run a model on tensors from files (check an imported checkpoint; parity with PyTorch).
     Forward(axial_worker::forward::ForwardArgs),
     /// Train a model for a few steps on one random batch: loss and throughput (no data needed).
@@ -25,6 +31,9 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => axial_worker::commands::train(&args),
+        Command::Predict(args) => axial_worker::commands::predict(&args),
+        Command::Prepare(args) => axial_worker::commands::prepare(&args),
         Command::Forward(args) => axial_worker::forward::run(&args)
             .map(|names| println!("wrote {} tensors to {}", names.len(), args.output.display()))
             .context("forward failed"),

@@ -1,5 +1,11 @@
-//! Training: the step (forward, loss, backward, optimizer) and the recipe's optimizer.
+//! Training: the step (forward, loss, backward, optimizer), the optimizers and schedule of the
+//! recipe, evaluation, checkpoints, and the loop that composes them.
 
+pub mod checkpoint;
+pub mod eval;
+pub mod optim;
+pub mod run;
+pub mod schedule;
 pub mod step;
 
 pub use step::{sgd, train_step};

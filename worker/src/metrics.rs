@@ -1,0 +1,199 @@
+//! The worker's Prometheus metrics, `axial_worker_*`, served at `/metrics`.
+//!
+//! [`WorkerMetrics`] holds handles registered on its own recorder (no global recorder): the
+//! training loop updates them, and [`serve`] renders them over HTTP on a small thread.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+/// Step phases timed by `axial_worker_step_phase_seconds{phase=...}`.
+#[derive(Debug, Clone, Copy)]
+pub enum Phase {
+    DataWait,
+    Forward,
+    Backward,
+    Optimizer,
+}
+
+pub struct WorkerMetrics {
+    recorder: Arc<PrometheusRecorder>,
+    pub steps: Counter,
+    pub samples: Counter,
+    pub skipped_samples: Counter,
+    pub loss: Gauge,
+    pub learning_rate: Gauge,
+    pub images_per_second: Gauge,
+    pub epoch: Gauge,
+    pub eval_top1: Gauge,
+    pub eval_top5: Gauge,
+    pub eval_loss: Gauge,
+    pub checkpoint_seconds: Histogram,
+    phases: [Histogram; 4],
+}
+
+impl std::fmt::Debug for WorkerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerMetrics")
+    }
+}
+
+const META: Metadata<'static> = Metadata::new("axial_worker", metrics::Level::INFO, None);
+
+impl WorkerMetrics {
+    pub fn new() -> Self {
+        let buckets = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ];
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let r = Arc::new(builder.build_recorder());
+        let counter = |name: &'static str, unit, help: &'static str| {
+            r.describe_counter(name.into(), Some(unit), help.into());
+            r.register_counter(&Key::from_name(name), &META)
+        };
+        let gauge = |name: &'static str, unit, help: &'static str| {
+            r.describe_gauge(name.into(), Some(unit), help.into());
+            r.register_gauge(&Key::from_name(name), &META)
+        };
+        r.describe_histogram(
+            "axial_worker_step_phase_seconds".into(),
+            Some(Unit::Seconds),
+            "Time of each phase of a training step: data_wait, forward, backward, optimizer."
+                .into(),
+        );
+        let phase = |p: &'static str| {
+            r.register_histogram(
+                &Key::from_parts(
+                    "axial_worker_step_phase_seconds",
+                    vec![Label::new("phase", p)],
+                ),
+                &META,
+            )
+        };
+        r.describe_histogram(
+            "axial_worker_checkpoint_seconds".into(),
+            Some(Unit::Seconds),
+            "Time to write one checkpoint.".into(),
+        );
+        Self {
+            steps: counter(
+                "axial_worker_steps_total",
+                Unit::Count,
+                "Optimizer steps taken.",
+            ),
+            samples: counter(
+                "axial_worker_samples_total",
+                Unit::Count,
+                "Training samples consumed.",
+            ),
+            skipped_samples: counter(
+                "axial_worker_skipped_samples_total",
+                Unit::Count,
+                "Samples skipped because they could not be read or decoded.",
+            ),
+            loss: gauge(
+                "axial_worker_loss",
+                Unit::Count,
+                "Training loss at the last logged step.",
+            ),
+            learning_rate: gauge(
+                "axial_worker_learning_rate",
+                Unit::Count,
+                "Learning rate of the last step.",
+            ),
+            images_per_second: gauge(
+                "axial_worker_images_per_second",
+                Unit::CountPerSecond,
+                "Training throughput over the last logging interval.",
+            ),
+            epoch: gauge(
+                "axial_worker_epoch",
+                Unit::Count,
+                "Epoch in progress (0-based).",
+            ),
+            eval_top1: gauge(
+                "axial_worker_eval_top1",
+                Unit::Count,
+                "Validation top-1 accuracy (0..1) of the last evaluation.",
+            ),
+            eval_top5: gauge(
+                "axial_worker_eval_top5",
+                Unit::Count,
+                "Validation top-5 accuracy (0..1) of the last evaluation.",
+            ),
+            eval_loss: gauge(
+                "axial_worker_eval_loss",
+                Unit::Count,
+                "Validation loss of the last evaluation.",
+            ),
+            checkpoint_seconds: r
+                .register_histogram(&Key::from_name("axial_worker_checkpoint_seconds"), &META),
+            phases: [
+                phase("data_wait"),
+                phase("forward"),
+                phase("backward"),
+                phase("optimizer"),
+            ],
+            recorder: r,
+        }
+    }
+
+    pub fn phase(&self, phase: Phase) -> &Histogram {
+        &self.phases[phase as usize]
+    }
+
+    pub fn handle(&self) -> PrometheusHandle {
+        self.recorder.handle()
+    }
+
+    /// The exposition text, as `/metrics` serves it.
+    pub fn render(&self) -> String {
+        let h = self.handle();
+        h.run_upkeep();
+        h.render()
+    }
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `/metrics` on `addr` from a background thread; returns the bound address.
+pub fn serve(addr: SocketAddr, handle: PrometheusHandle) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new().name("metrics-http".into()).spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut line = String::new();
+            if BufReader::new(&stream).read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
+                handle.run_upkeep();
+                ("200 OK", handle.render())
+            } else {
+                ("404 Not Found", "not found: try /metrics\n".to_owned())
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    })?;
+    Ok(bound)
+}

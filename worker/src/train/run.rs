@@ -1,0 +1,525 @@
+//! The single-process training loop: the one place where data, model, optimizer, schedule,
+//! precision, evaluation, checkpoints, progress and metrics are composed. The distributed
+//! workers run this same loop on every rank.
+//!
+//! Epoch plan: each epoch permutes the training samples with `(seed, epoch)` and trains on the
+//! first `steps_per_epoch x batch x accumulate` of them; the remainder of the permutation (less
+//! than one global batch) is left for that epoch, so every step has the same size. Different
+//! epochs leave out different samples.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axial_common::job::Precision;
+use axial_common::{JobConfig, Rng};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use super::checkpoint::{self, Position};
+use super::eval::{EvalOptions, EvalResult, evaluate};
+use super::optim::{Optimizer, clip_grad_norm};
+use super::schedule::Schedule;
+use crate::data::augment::Transform;
+use crate::data::loader::{Loader, Plan};
+use crate::data::{self, Source, SplitKind};
+use crate::error::{Error, Result};
+use crate::forward::parse_device;
+use crate::metrics::{Phase, WorkerMetrics};
+use crate::model::Model;
+use crate::model::weights::NameTable;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the newest valid checkpoint in `[checkpoint].dir`.
+    pub resume: bool,
+    /// Stop (after writing a checkpoint) once this many optimizer steps have been taken in
+    /// the run, counting from the start of training.
+    pub stop_after_steps: Option<u64>,
+    /// Print nothing but errors.
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochRecord {
+    pub epoch: u64,
+    pub step: u64,
+    pub train_loss: f64,
+    pub val_top1: f64,
+    pub val_top5: f64,
+    pub val_loss: f64,
+    pub seconds: f64,
+}
+
+/// The end of a run; also written as `summary.json` in the checkpoint folder.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub val_top1: f64,
+    pub val_top5: f64,
+    pub val_loss: f64,
+    pub steps: u64,
+    pub samples_seen: u64,
+    pub skipped_samples: u64,
+    pub wall_seconds: f64,
+    pub images_per_second: f64,
+    pub epochs_completed: u64,
+    /// True when the run ended early on `stop_after_steps`.
+    pub stopped_early: bool,
+    pub checkpoint: Option<PathBuf>,
+    pub history: Vec<EpochRecord>,
+}
+
+/// Mean cross-entropy with label smoothing `eps` (PyTorch's `label_smoothing`).
+pub fn smoothed_cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> Tensor {
+    let logp = logits.log_softmax(-1, Kind::Float);
+    let nll = logp.nll_loss(labels);
+    if eps == 0.0 {
+        return nll;
+    }
+    let uniform = -logp.mean_dim(-1, false, Kind::Float).mean(Kind::Float);
+    nll * (1.0 - eps) + uniform * eps
+}
+
+/// Dynamic loss scaling for fp16: halve on overflow (and skip the step), double after 2000
+/// good steps.
+#[derive(Debug, Clone, Copy)]
+struct LossScale {
+    enabled: bool,
+    scale: f64,
+    good: u64,
+}
+
+impl LossScale {
+    /// Unscales the gradients; returns whether they are finite (the step may be taken).
+    fn unscale_and_check(&mut self, grads: &[Tensor]) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        let finite = tch::no_grad(|| {
+            let mut all = Tensor::ones(
+                [],
+                (
+                    Kind::Bool,
+                    grads.first().map_or(Device::Cpu, Tensor::device),
+                ),
+            );
+            for g in grads {
+                let _ = g.shallow_clone().g_mul_scalar_(1.0 / self.scale);
+                all = all.logical_and(&g.isfinite().all());
+            }
+            all.int64_value(&[]) == 1
+        });
+        if finite {
+            self.good += 1;
+            if self.good == 2000 {
+                self.scale *= 2.0;
+                self.good = 0;
+            }
+        } else {
+            self.scale /= 2.0;
+            self.good = 0;
+        }
+        finite
+    }
+}
+
+struct Progress {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+}
+
+impl Progress {
+    fn new(total: u64, done: u64, quiet: bool) -> Self {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_position(done);
+            bar
+        });
+        Self { bar, quiet }
+    }
+
+    fn step(&self, step: u64, message: Option<String>) {
+        match (&self.bar, message) {
+            (Some(bar), m) => {
+                bar.set_position(step);
+                if let Some(m) = m {
+                    bar.set_message(m);
+                }
+            }
+            (None, Some(m)) if !self.quiet => eprintln!("step {step}  {m}"),
+            _ => {}
+        }
+    }
+
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None if !self.quiet => eprintln!("{text}"),
+            None => {}
+        }
+    }
+}
+
+fn data_err(e: data::DataError) -> Error {
+    Error::BadTensor {
+        path: PathBuf::from("[data]"),
+        message: e.to_string(),
+    }
+}
+
+/// Trains `job` in this process.
+pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Result<Summary> {
+    let start = Instant::now();
+    let device = parse_device(&job.train.device).map_err(|message| Error::BadTensor {
+        path: PathBuf::from("train.device"),
+        message,
+    })?;
+    if job.train.precision != Precision::Fp32 && !device.is_cuda() {
+        return Err(config_err(
+            "train.precision",
+            "fp16 and bf16 need a CUDA device; use \"fp32\" on the CPU",
+        ));
+    }
+    if job.train.precision == Precision::Bf16 {
+        return Err(config_err(
+            "train.precision",
+            "bf16 autocast is not reachable through tch 0.24 (its autocast is fp16); use \"fp16\" or \"fp32\"",
+        ));
+    }
+    if job.train.threads > 0 {
+        tch::set_num_threads(job.train.threads);
+    }
+    let seed = job.train.seed;
+    let train_src: Arc<dyn Source> =
+        Arc::from(data::open(&job.data, SplitKind::Train, seed).map_err(data_err)?);
+    let val_src: Arc<dyn Source> =
+        Arc::from(data::open(&job.data, SplitKind::Val, seed).map_err(data_err)?);
+    for (name, src) in [("train", &train_src), ("val", &val_src)] {
+        if src.num_classes() > job.model.num_classes {
+            return Err(config_err(
+                "model.num_classes",
+                &format!(
+                    "the {name} data has {} classes but the model {}",
+                    src.num_classes(),
+                    job.model.num_classes
+                ),
+            ));
+        }
+    }
+    let model = Model::new(&job.model, device, seed as i64);
+    let names = NameTable::for_variant(job.model.variant);
+    let mut params: Vec<(String, Tensor)> = model
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(n, t)| (names.external(&n), t))
+        .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut optimizer = Optimizer::new(&job.optim, params);
+
+    let batch = job.train.batch_size as usize;
+    let accumulate = job.train.accumulate;
+    let global_batch = batch as u64 * accumulate;
+    let steps_per_epoch = train_src.len() as u64 / global_batch;
+    if steps_per_epoch == 0 {
+        return Err(config_err(
+            "train.batch_size",
+            &format!(
+                "the training split has {} samples, fewer than one step's {global_batch}",
+                train_src.len()
+            ),
+        ));
+    }
+    let schedule = Schedule::new(job, job.peak_lr(global_batch as i64), steps_per_epoch);
+    let size = job.image_size() as u32;
+    let transform = Transform::new(size, job.data.augment.clone());
+    let ckpt_dir = job.checkpoint.dir.clone();
+    std::fs::create_dir_all(&ckpt_dir).map_err(|source| Error::Write {
+        path: ckpt_dir.clone(),
+        source,
+    })?;
+
+    let mut pos = Position {
+        loss_scale: 1.0,
+        ..Position::default()
+    };
+    let mut scale = LossScale {
+        enabled: job.train.precision == Precision::Fp16,
+        scale: if job.train.precision == Precision::Fp16 {
+            65536.0
+        } else {
+            1.0
+        },
+        good: 0,
+    };
+    let mut last_checkpoint = None;
+    if opts.resume {
+        match checkpoint::load_latest(&ckpt_dir, job, &model)? {
+            Some(loaded) => {
+                pos = loaded.manifest.position;
+                optimizer
+                    .load_state(pos.step, loaded.optimizer)
+                    .map_err(|message| Error::BadTensor {
+                        path: loaded.dir.join("optimizer.safetensors"),
+                        message,
+                    })?;
+                scale.scale = pos.loss_scale;
+                scale.good = pos.good_steps;
+                if !opts.quiet {
+                    eprintln!(
+                        "resuming from {} (epoch {}, step {})",
+                        loaded.dir.display(),
+                        pos.epoch + 1,
+                        pos.step
+                    );
+                }
+                last_checkpoint = Some(loaded.dir);
+            }
+            None if !opts.quiet => {
+                eprintln!("no checkpoint in {}; starting fresh", ckpt_dir.display())
+            }
+            None => {}
+        }
+    }
+    if !opts.quiet {
+        eprintln!(
+            "training {} ({} parameters) on {device:?}: {} train / {} val samples, {} epochs x {steps_per_epoch} steps of {global_batch}, peak lr {:.4}",
+            job.model.arch.as_deref().unwrap_or("custom model"),
+            model.parameter_count(),
+            train_src.len(),
+            val_src.len(),
+            job.train.epochs,
+            job.peak_lr(global_batch as i64)
+        );
+    }
+
+    let total_steps = steps_per_epoch * job.train.epochs;
+    let progress = Progress::new(total_steps, pos.step, opts.quiet);
+    let eval_opts = EvalOptions {
+        batch_size: job.eval.batch_size.unwrap_or(job.train.batch_size * 2) as usize,
+        threads: job.data.loader_threads,
+        prefetch: job.data.prefetch,
+    };
+    let save = |pos: Position, optimizer: &Optimizer| -> Result<PathBuf> {
+        let t = Instant::now();
+        let dir = checkpoint::save(
+            &ckpt_dir,
+            job,
+            &model,
+            optimizer.state_tensors(),
+            pos,
+            job.checkpoint.keep,
+        )?;
+        metrics.checkpoint_seconds.record(t.elapsed().as_secs_f64());
+        Ok(dir)
+    };
+
+    let mut history = Vec::new();
+    let mut last_eval = EvalResult::default();
+    let mut stopped_early = false;
+    let start_samples = pos.samples_seen;
+    let mut window = (Instant::now(), pos.samples_seen);
+    let mut running_loss = Tensor::zeros([], (Kind::Float, device));
+    let mut running_n = 0u64;
+    let mut epoch_loss = (Tensor::zeros([], (Kind::Double, device)), 0u64);
+
+    'epochs: for epoch in pos.epoch..job.train.epochs {
+        let epoch_start = Instant::now();
+        metrics.epoch.set(epoch as f64);
+        let mut order: Vec<usize> = (0..train_src.len()).collect();
+        Rng::derive(seed, &[0xE90C, epoch]).shuffle(&mut order);
+        order.truncate((steps_per_epoch * global_batch) as usize);
+        let plan = Plan {
+            order,
+            batch_size: batch,
+            start_batch: pos.batch_in_epoch as usize,
+            train: true,
+            epoch,
+            seed,
+        };
+        let mut loader = Loader::start(
+            train_src.clone(),
+            transform.clone(),
+            plan,
+            job.data.loader_threads,
+            job.data.prefetch,
+        );
+        let mut micro = 0u64;
+        if pos.batch_in_epoch == 0 {
+            epoch_loss = (Tensor::zeros([], (Kind::Double, device)), 0);
+        }
+        loop {
+            let wait = Instant::now();
+            let Some(b) = loader.next() else { break };
+            metrics
+                .phase(Phase::DataWait)
+                .record(wait.elapsed().as_secs_f64());
+            for e in &b.errors {
+                progress.line(&format!("skipped {e}"));
+            }
+            pos.skipped_samples += b.errors.len() as u64;
+            metrics.skipped_samples.increment(b.errors.len() as u64);
+            pos.batch_in_epoch += 1;
+            if !b.is_empty() {
+                let t = Instant::now();
+                let images = b.images.to_device(device);
+                let labels = b.labels.to_device(device);
+                let logits = tch::autocast(scale.enabled, || model.net.forward_t(&images, true));
+                let loss = smoothed_cross_entropy(&logits, &labels, job.train.label_smoothing);
+                metrics
+                    .phase(Phase::Forward)
+                    .record(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                (&loss * (scale.scale / accumulate as f64)).backward();
+                metrics
+                    .phase(Phase::Backward)
+                    .record(t.elapsed().as_secs_f64());
+                let detached = loss.detach();
+                running_loss += &detached;
+                running_n += 1;
+                epoch_loss.0 += detached.to_kind(Kind::Double);
+                epoch_loss.1 += 1;
+                pos.samples_seen += b.len() as u64;
+                metrics.samples.increment(b.len() as u64);
+            }
+            micro += 1;
+            if micro % accumulate != 0 {
+                continue;
+            }
+            // Optimizer step.
+            let t = Instant::now();
+            let lr = schedule.lr(pos.step);
+            let grads = optimizer.grads();
+            if scale.unscale_and_check(&grads) {
+                if job.train.clip_grad_norm > 0.0 {
+                    let _norm = clip_grad_norm(&grads, job.train.clip_grad_norm);
+                }
+                optimizer.step(lr);
+            } else {
+                progress.line(&format!(
+                    "step {}: fp16 overflow, loss scale now {}",
+                    pos.step + 1,
+                    scale.scale
+                ));
+            }
+            optimizer.zero_grad();
+            metrics
+                .phase(Phase::Optimizer)
+                .record(t.elapsed().as_secs_f64());
+            pos.step += 1;
+            pos.loss_scale = scale.scale;
+            pos.good_steps = scale.good;
+            metrics.steps.increment(1);
+            metrics.learning_rate.set(lr);
+
+            let mut message = None;
+            if pos.step % job.train.log_every == 0 || pos.step == total_steps {
+                let loss = running_loss.double_value(&[]) / running_n.max(1) as f64;
+                running_loss = Tensor::zeros([], (Kind::Float, device));
+                running_n = 0;
+                let ips = (pos.samples_seen - window.1) as f64
+                    / window.0.elapsed().as_secs_f64().max(1e-9);
+                window = (Instant::now(), pos.samples_seen);
+                metrics.loss.set(loss);
+                metrics.images_per_second.set(ips);
+                message = Some(format!(
+                    "epoch {}/{}  loss {loss:.4}  lr {lr:.5}  {ips:.0} img/s",
+                    epoch + 1,
+                    job.train.epochs
+                ));
+            }
+            progress.step(pos.step, message);
+            let stop = opts.stop_after_steps.is_some_and(|s| pos.step >= s);
+            let periodic =
+                job.checkpoint.every_steps > 0 && pos.step % job.checkpoint.every_steps == 0;
+            let end_of_epoch = loader.remaining() == 0;
+            if (periodic || stop) && !end_of_epoch {
+                last_checkpoint = Some(save(pos, &optimizer)?);
+            }
+            if stop && !end_of_epoch {
+                stopped_early = true;
+                break 'epochs;
+            }
+        }
+        drop(loader);
+        // End of the epoch: evaluate, then checkpoint at the start of the next epoch.
+        pos.epoch = epoch + 1;
+        pos.batch_in_epoch = 0;
+        let train_loss = epoch_loss.0.double_value(&[]) / epoch_loss.1.max(1) as f64;
+        let last = epoch + 1 == job.train.epochs;
+        if (epoch + 1) % job.eval.every_epochs == 0 || last {
+            last_eval = evaluate(
+                &model.net,
+                val_src.clone(),
+                transform.clone(),
+                eval_opts,
+                device,
+            );
+            metrics.eval_top1.set(last_eval.top1);
+            metrics.eval_top5.set(last_eval.top5);
+            metrics.eval_loss.set(last_eval.loss);
+            pos.skipped_samples += last_eval.skipped;
+            progress.line(&format!(
+                "epoch {:>3}/{}  train loss {train_loss:.4}  val top1 {:.2}%  top5 {:.2}%  loss {:.4}  ({:.1} s)",
+                epoch + 1,
+                job.train.epochs,
+                100.0 * last_eval.top1,
+                100.0 * last_eval.top5,
+                last_eval.loss,
+                epoch_start.elapsed().as_secs_f64()
+            ));
+        }
+        history.push(EpochRecord {
+            epoch: epoch + 1,
+            step: pos.step,
+            train_loss,
+            val_top1: last_eval.top1,
+            val_top5: last_eval.top5,
+            val_loss: last_eval.loss,
+            seconds: epoch_start.elapsed().as_secs_f64(),
+        });
+        last_checkpoint = Some(save(pos, &optimizer)?);
+        if opts.stop_after_steps.is_some_and(|s| pos.step >= s) && !last {
+            stopped_early = true;
+            break;
+        }
+    }
+    if let Some(bar) = &progress.bar {
+        bar.finish_and_clear();
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let summary = Summary {
+        val_top1: last_eval.top1,
+        val_top5: last_eval.top5,
+        val_loss: last_eval.loss,
+        steps: pos.step,
+        samples_seen: pos.samples_seen,
+        skipped_samples: pos.skipped_samples,
+        wall_seconds: wall,
+        images_per_second: (pos.samples_seen - start_samples) as f64 / wall.max(1e-9),
+        epochs_completed: pos.epoch,
+        stopped_early,
+        checkpoint: last_checkpoint,
+        history,
+    };
+    let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    let path = ckpt_dir.join("summary.json");
+    crate::data::manifest::write_atomic(&path, json.as_bytes())
+        .map_err(|source| Error::Write { path, source })?;
+    Ok(summary)
+}
+
+fn config_err(key: &str, message: &str) -> Error {
+    Error::Config(axial_common::ConfigError::Invalid {
+        key: key.into(),
+        value: String::new(),
+        allowed: message.into(),
+    })
+}
