@@ -197,3 +197,53 @@ pub fn serve(addr: SocketAddr, handle: PrometheusHandle) -> std::io::Result<Sock
     })?;
     Ok(bound)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_with_help_and_phases() {
+        let m = WorkerMetrics::new();
+        m.steps.increment(3);
+        m.samples.increment(96);
+        m.skipped_samples.increment(1);
+        m.loss.set(1.5);
+        m.phase(Phase::Forward).record(0.02);
+        m.phase(Phase::DataWait).record(0.001);
+        m.eval_top1.set(0.9);
+        let text = m.render();
+        for needle in [
+            "# HELP axial_worker_steps_total",
+            "axial_worker_steps_total 3",
+            "axial_worker_samples_total 96",
+            "axial_worker_skipped_samples_total 1",
+            "axial_worker_loss 1.5",
+            "axial_worker_eval_top1 0.9",
+            "axial_worker_step_phase_seconds_bucket{phase=\"forward\",le=\"0.025\"} 1",
+            "axial_worker_step_phase_seconds_count{phase=\"data_wait\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn serves_metrics_over_http() {
+        let m = WorkerMetrics::new();
+        m.steps.increment(7);
+        let addr = serve("127.0.0.1:0".parse().expect("addr"), m.handle()).expect("bind");
+        let get = |path: &str| {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut s, &mut out).expect("read");
+            out
+        };
+        let ok = get("/metrics");
+        assert!(
+            ok.starts_with("HTTP/1.1 200") && ok.contains("axial_worker_steps_total 7"),
+            "{ok}"
+        );
+        assert!(get("/other").starts_with("HTTP/1.1 404"));
+    }
+}

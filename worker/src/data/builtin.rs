@@ -118,7 +118,7 @@ pub fn render(seed: u64, split: u64, index: usize, size: u32) -> Sample {
     }
     let angle = rng.uniform(0.0, std::f64::consts::TAU);
     let (gx, gy) = (angle.cos(), angle.sin());
-    let radius = rng.uniform(0.2, 0.36) * s;
+    let radius = rng.uniform(0.24, 0.4) * s;
     let cx = rng.uniform(radius, s - radius);
     let cy = rng.uniform(radius, s - radius);
     // Small rotations only: larger ones would turn a plus into a cross, stripes into stripes.
@@ -129,7 +129,8 @@ pub fn render(seed: u64, split: u64, index: usize, size: u32) -> Sample {
             0.0
         };
     let (ct, st) = (theta.cos(), theta.sin());
-    let period = rng.uniform(0.22, 0.34);
+    // Stripe and check width: at least ~2 pixels at 32 px.
+    let period = rng.uniform(0.07, 0.1) * s / radius;
     let dots: Vec<(f64, f64, f64, [f64; 3])> = (0..rng.below(4))
         .map(|_| {
             (

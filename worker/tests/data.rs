@@ -1,0 +1,279 @@
+//! Every data format loads from small generated fixtures; a corrupt image in a shard is skipped
+//! and counted; the built-in dataset is not solvable by a linear classifier on pixels.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axial_common::job::AugmentConfig;
+use axial_worker::data::augment::Transform;
+use axial_worker::data::builtin::Builtin;
+use axial_worker::data::cifar::Cifar10;
+use axial_worker::data::imagefolder::ImageFolder;
+use axial_worker::data::loader::{Loader, Plan};
+use axial_worker::data::manifest::{Manifest, prepare};
+use axial_worker::data::mnist::Mnist;
+use axial_worker::data::webdataset::WebDataset;
+use axial_worker::data::{Source, SplitKind};
+use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
+
+/// An image folder with two classes: red PNGs (colour) and grey JPEGs (greyscale), 3 each.
+fn image_folder(root: &Path) {
+    for (class, n) in [("cat", 3), ("dog", 3)] {
+        std::fs::create_dir_all(root.join(class)).expect("mkdir");
+        for i in 0..n {
+            let (w, h) = (20 + i as u32 * 3, 16 + i as u32);
+            if class == "cat" {
+                let img =
+                    image::RgbImage::from_fn(w, h, |x, _| image::Rgb([200, (x * 5) as u8, 10]));
+                img.save(root.join(class).join(format!("{i}.png")))
+                    .expect("png");
+            } else {
+                let img =
+                    image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x + y) * 4) as u8]));
+                img.save(root.join(class).join(format!("{i}.JPG")))
+                    .expect("jpeg");
+            }
+        }
+    }
+    std::fs::write(root.join("cat").join("notes.txt"), "not an image").expect("write");
+}
+
+#[test]
+fn image_folder_loads_colour_and_greyscale() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    image_folder(dir.path());
+    let src = ImageFolder::open(dir.path()).expect("opens");
+    assert_eq!(src.len(), 6);
+    assert_eq!(src.class_names(), vec!["cat", "dog"]);
+    let cat = src.get(0).expect("png");
+    assert_eq!((cat.label, cat.image.width, cat.image.height), (0, 20, 16));
+    assert_eq!(&cat.image.pixels[..3], &[200, 0, 10]);
+    let dog = src.get(4).expect("jpeg");
+    assert_eq!(dog.label, 1);
+    let p = &dog.image.pixels;
+    assert!(
+        p.chunks(3).all(|c| c[0] == c[1] && c[1] == c[2]),
+        "greyscale becomes equal RGB"
+    );
+    assert!(
+        ImageFolder::open(&dir.path().join("cat")).is_err(),
+        "no class folders"
+    );
+}
+
+#[test]
+fn prepare_writes_shards_and_a_manifest_that_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    image_folder(&dir.path().join("in"));
+    let out = dir.path().join("shards");
+    let p = prepare(&dir.path().join("in"), &out, 4, 0).expect("prepare");
+    assert_eq!(p.manifest.samples, 6);
+    assert_eq!(p.manifest.shards.len(), 2);
+    Manifest::load(&p.manifest_path)
+        .expect("loads")
+        .verify(&out)
+        .expect("verifies");
+    let ds = WebDataset::open(&p.manifest_path.to_string_lossy()).expect("opens");
+    assert_eq!(ds.len(), 6);
+    assert_eq!(ds.class_names(), vec!["cat", "dog"]);
+    let mut labels: Vec<i64> = (0..6).map(|i| ds.get(i).expect("decodes").label).collect();
+    labels.sort();
+    assert_eq!(labels, vec![0, 0, 0, 1, 1, 1]);
+    // Also by folder and by brace pattern.
+    assert_eq!(
+        WebDataset::open(&out.to_string_lossy())
+            .expect("folder")
+            .len(),
+        6
+    );
+    let pattern = format!("{}/shard-{{000000..000001}}.tar", out.display());
+    assert_eq!(WebDataset::open(&pattern).expect("pattern").len(), 6);
+    // A damaged shard fails the manifest check, naming the shard.
+    let shard = out.join("shard-000001.tar");
+    let mut bytes = std::fs::read(&shard).expect("read");
+    let n = bytes.len();
+    bytes[n / 3] ^= 0xFF;
+    std::fs::write(&shard, bytes).expect("write");
+    let err = WebDataset::open(&p.manifest_path.to_string_lossy())
+        .expect_err("damaged")
+        .to_string();
+    assert!(err.contains("shard-000001.tar"), "{err}");
+}
+
+fn tar_append(tar: &mut tar::Builder<std::fs::File>, name: &str, bytes: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append_data(&mut h, name, bytes).expect("append");
+}
+
+#[test]
+fn corrupt_image_in_a_shard_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shard = dir.path().join("s.tar");
+    let mut tar = tar::Builder::new(std::fs::File::create(&shard).expect("create"));
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("encode");
+    for i in 0..6 {
+        let bytes: &[u8] = if i == 2 {
+            b"\x89PNG\r\n\x1a\nthis is not really a png"
+        } else {
+            &png
+        };
+        tar_append(&mut tar, &format!("{i:04}.png"), bytes);
+        tar_append(
+            &mut tar,
+            &format!("{i:04}.cls"),
+            (i % 2).to_string().as_bytes(),
+        );
+    }
+    tar_append(&mut tar, "0006.cls", b"1"); // a label without an image
+    tar.finish().expect("finish");
+    drop(tar);
+    let src: Arc<dyn Source> = Arc::new(WebDataset::open(&shard.to_string_lossy()).expect("opens"));
+    assert_eq!(src.len(), 7);
+    let transform = Transform::new(8, AugmentConfig::default());
+    let plan = Plan {
+        order: (0..7).collect(),
+        batch_size: 3,
+        start_batch: 0,
+        train: true,
+        epoch: 0,
+        seed: 0,
+    };
+    let (mut good, mut skipped, mut reasons) = (0, 0, Vec::new());
+    for batch in Loader::start(src, transform, plan, 2, 2) {
+        good += batch.len();
+        skipped += batch.errors.len();
+        reasons.extend(batch.errors.iter().map(|e| e.to_string()));
+        assert_eq!(batch.images.size()[0] as usize, batch.len());
+    }
+    assert_eq!((good, skipped), (5, 2), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("0002")), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("0006") && r.contains("no .jpg/.png")),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn cifar10_binary_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut bytes = Vec::new();
+    for label in [3u8, 7] {
+        bytes.push(label);
+        bytes.extend(std::iter::repeat_n(10u8, 1024)); // R
+        bytes.extend(std::iter::repeat_n(20u8, 1024)); // G
+        bytes.extend(std::iter::repeat_n(30u8, 1024)); // B
+    }
+    std::fs::write(dir.path().join("test_batch.bin"), &bytes).expect("write");
+    let src = Cifar10::open(dir.path(), SplitKind::Val).expect("opens");
+    assert_eq!(src.len(), 2);
+    let s = src.get(1).expect("sample");
+    assert_eq!((s.label, s.image.width), (7, 32));
+    assert_eq!(&s.image.pixels[..3], &[10, 20, 30]);
+    std::fs::write(dir.path().join("test_batch.bin"), &bytes[..100]).expect("write");
+    let err = Cifar10::open(dir.path(), SplitKind::Val)
+        .expect_err("truncated")
+        .to_string();
+    assert!(err.contains("3073-byte"), "{err}");
+    assert!(
+        Cifar10::open(dir.path(), SplitKind::Train)
+            .expect_err("missing")
+            .to_string()
+            .contains("data_batch_1.bin")
+    );
+}
+
+#[test]
+fn mnist_idx_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut images = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28];
+    images.extend((0..2 * 784).map(|i| (i % 251) as u8));
+    let labels = vec![0, 0, 8, 1, 0, 0, 0, 2, 5, 9];
+    std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), &images).expect("write");
+    std::fs::write(dir.path().join("t10k-labels-idx1-ubyte"), &labels).expect("write");
+    let src = Mnist::open(dir.path(), SplitKind::Val).expect("opens");
+    assert_eq!(src.len(), 2);
+    let s = src.get(1).expect("sample");
+    assert_eq!((s.label, s.image.width, s.image.height), (9, 28, 28));
+    assert_eq!(&s.image.pixels[..3], &[(784 % 251) as u8; 3]);
+    std::fs::write(dir.path().join("t10k-labels-idx1-ubyte"), &labels[..9]).expect("write");
+    assert!(
+        Mnist::open(dir.path(), SplitKind::Val)
+            .expect_err("short")
+            .to_string()
+            .contains("labels")
+    );
+}
+
+/// Softmax regression on raw pixels: if this reached high accuracy, the dataset would not test
+/// what an attention network learns.
+#[test]
+fn builtin_is_not_linearly_separable_on_pixels() {
+    let size = 32;
+    let (n_train, n_val) = (4000usize, 1000usize);
+    let transform = Transform::new(
+        size,
+        AugmentConfig {
+            eval_crop: 1.0,
+            ..AugmentConfig::default()
+        },
+    );
+    let load = |split, n: usize| {
+        let src = Builtin::new(n, size, 0, split);
+        let mut pixels = vec![0f32; n * transform.len()];
+        let mut labels = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = src.get(i).expect("sample");
+            transform.eval(
+                &s.image,
+                &mut pixels[i * transform.len()..(i + 1) * transform.len()],
+            );
+            labels.push(s.label);
+        }
+        (
+            Tensor::from_slice(&pixels).view([n as i64, -1]),
+            Tensor::from_slice(&labels),
+        )
+    };
+    let (xt, yt) = load(SplitKind::Train, n_train);
+    let (xv, yv) = load(SplitKind::Val, n_val);
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let linear = nn::linear(vs.root(), 3 * 32 * 32, 10, Default::default());
+    let mut opt = nn::Adam::default().build(&vs, 1e-3).expect("adam");
+    let accuracy = |x: &Tensor, y: &Tensor| {
+        tch::no_grad(|| {
+            x.apply(&linear)
+                .argmax(-1, false)
+                .eq_tensor(y)
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+                .double_value(&[])
+        })
+    };
+    for _epoch in 0..30 {
+        for b in 0..(n_train as i64 / 100) {
+            let x = xt.narrow(0, b * 100, 100);
+            let y = yt.narrow(0, b * 100, 100);
+            let loss = x.apply(&linear).cross_entropy_for_logits(&y);
+            opt.backward_step(&loss);
+        }
+    }
+    let (train_acc, val_acc) = (accuracy(&xt, &yt), accuracy(&xv, &yv));
+    println!(
+        "linear classifier on pixels: train {:.1}%, val {:.1}%",
+        100.0 * train_acc,
+        100.0 * val_acc
+    );
+    assert!(
+        val_acc < 0.4,
+        "a linear model reaches {val_acc} on the builtin data: too easy"
+    );
+}
