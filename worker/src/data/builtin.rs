@@ -147,10 +147,7 @@ pub fn render(seed: u64, split: u64, index: usize, size: u32) -> Sample {
         for x in 0..size {
             let (px, py) = (x as f64 + 0.5, y as f64 + 0.5);
             let t = ((px / s - 0.5) * gx + (py / s - 0.5) * gy + 0.5).clamp(0.0, 1.0);
-            let mut c = [0.0; 3];
-            for k in 0..3 {
-                c[k] = bg0[k] * (1.0 - t) + bg1[k] * t;
-            }
+            let mut c: [f64; 3] = std::array::from_fn(|k| bg0[k] * (1.0 - t) + bg1[k] * t);
             for (dx, dy, dr, dc) in &dots {
                 if (px - dx).powi(2) + (py - dy).powi(2) < dr * dr {
                     c = *dc;
@@ -162,9 +159,9 @@ pub fn render(seed: u64, split: u64, index: usize, size: u32) -> Sample {
                 c = fg;
             }
             let i = (y as usize * size as usize + x as usize) * 3;
-            for k in 0..3 {
+            for (out, value) in image.pixels[i..i + 3].iter_mut().zip(c) {
                 let n = rng.uniform(-noise, noise);
-                image.pixels[i + k] = (c[k] + n).round().clamp(0.0, 255.0) as u8;
+                *out = (value + n).round().clamp(0.0, 255.0) as u8;
             }
         }
     }

@@ -230,14 +230,14 @@ mod tests {
                 .sum(Kind::Double)
                 .backward();
             opt.step(0.1);
-            for i in 0..2 {
-                let g = [0.5, 0.25][i] + 0.01 * pp[i];
-                buf[i] = if step == 0 { g } else { 0.9 * buf[i] + g };
-                pp[i] -= 0.1 * (g + 0.9 * buf[i]);
+            for ((p, b), grad) in pp.iter_mut().zip(buf.iter_mut()).zip([0.5, 0.25]) {
+                let g = grad + 0.01 * *p;
+                *b = if step == 0 { g } else { 0.9 * *b + g };
+                *p -= 0.1 * (g + 0.9 * *b);
             }
         }
-        for i in 0..2 {
-            assert!((p.double_value(&[i as i64]) - pp[i]).abs() < 1e-12);
+        for (i, want) in pp.iter().enumerate() {
+            assert!((p.double_value(&[i as i64]) - want).abs() < 1e-12);
         }
         assert_eq!(opt.state_tensors().len(), 1);
     }

@@ -390,7 +390,7 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
                 metrics.samples.increment(b.len() as u64);
             }
             micro += 1;
-            if micro % accumulate != 0 {
+            if !micro.is_multiple_of(accumulate) {
                 continue;
             }
             // Optimizer step.
@@ -420,7 +420,7 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
             metrics.learning_rate.set(lr);
 
             let mut message = None;
-            if pos.step % job.train.log_every == 0 || pos.step == total_steps {
+            if pos.step.is_multiple_of(job.train.log_every) || pos.step == total_steps {
                 let loss = running_loss.double_value(&[]) / running_n.max(1) as f64;
                 running_loss = Tensor::zeros([], (Kind::Float, device));
                 running_n = 0;
@@ -437,8 +437,8 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
             }
             progress.step(pos.step, message);
             let stop = opts.stop_after_steps.is_some_and(|s| pos.step >= s);
-            let periodic =
-                job.checkpoint.every_steps > 0 && pos.step % job.checkpoint.every_steps == 0;
+            let periodic = job.checkpoint.every_steps > 0
+                && pos.step.is_multiple_of(job.checkpoint.every_steps);
             let end_of_epoch = loader.remaining() == 0;
             if (periodic || stop) && !end_of_epoch {
                 last_checkpoint = Some(save(pos, &optimizer)?);
@@ -454,7 +454,7 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
         pos.batch_in_epoch = 0;
         let train_loss = epoch_loss.0.double_value(&[]) / epoch_loss.1.max(1) as f64;
         let last = epoch + 1 == job.train.epochs;
-        if (epoch + 1) % job.eval.every_epochs == 0 || last {
+        if (epoch + 1).is_multiple_of(job.eval.every_epochs) || last {
             last_eval = evaluate(
                 &model.net,
                 val_src.clone(),
