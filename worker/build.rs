@@ -7,6 +7,8 @@
 //!   linker would otherwise drop libtorch_cuda (nothing references it by symbol) and
 //!   `Cuda::is_available()` would be false even on a GPU machine (tch-rs #980).
 //!
+//! It also compiles the worker's C++ shim (`csrc/`) against libtorch's headers.
+//!
 //! `AXIAL_NO_CUDA=1` skips the CUDA library (for the slim, CPU-only libtorch it is skipped anyway).
 use std::path::PathBuf;
 
@@ -25,5 +27,19 @@ fn main() {
         && std::env::var_os("AXIAL_NO_CUDA").is_none();
     if has_cuda {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
+    // The worker's small C++ shim over ATen (only the worker package has one).
+    if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("axial-worker") {
+        let include = lib.join("../include");
+        println!("cargo:rerun-if-changed=csrc");
+        cc::Build::new()
+            .cpp(true)
+            .std("c++17")
+            .define("_GLIBCXX_USE_CXX11_ABI", "1")
+            .include(&include)
+            .include(include.join("torch/csrc/api/include"))
+            .flag_if_supported("-Wno-unused-parameter")
+            .file("csrc/precision.cpp")
+            .compile("axial_shim");
     }
 }

@@ -183,3 +183,29 @@ fn resume_refuses_another_model_and_bad_jobs_fail_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bach"));
 }
+
+/// GPU: a few steps in bf16 and fp16 autocast on CUDA. Compiled always; skipped without a GPU.
+#[test]
+fn gpu_mixed_precision_trains() {
+    if !tch::Cuda::is_available() {
+        println!("skipped: no CUDA device (tch::Cuda::is_available() is false)");
+        return;
+    }
+    for precision in ["bf16", "fp16"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let text = JOB.replace(
+            "threads = 2",
+            &format!("threads = 2\ndevice = \"cuda\"\nprecision = \"{precision}\""),
+        );
+        let job = write_job(tmp.path(), &text);
+        let out = train(&job, &["--stop-after-steps", "4"]);
+        assert!(out.status.success(), "{precision}");
+        let model = tensors(&newest_checkpoint(&tmp.path().join("ckpt")).join("model.safetensors"));
+        assert!(
+            model
+                .values()
+                .all(|t| t.isfinite().all().int64_value(&[]) == 1),
+            "{precision}: non-finite weights"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod eval;
 pub mod optim;
+pub mod precision;
 pub mod run;
 pub mod schedule;
 pub mod step;

@@ -186,12 +186,9 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
             "fp16 and bf16 need a CUDA device; use \"fp32\" on the CPU",
         ));
     }
-    if job.train.precision == Precision::Bf16 {
-        return Err(config_err(
-            "train.precision",
-            "bf16 autocast is not reachable through tch 0.24 (its autocast is fp16); use \"fp16\" or \"fp32\"",
-        ));
-    }
+    super::precision::set_autocast_dtype(job.train.precision)
+        .map_err(|e| config_err("train.precision", &e))?;
+    let autocast = job.train.precision != Precision::Fp32;
     if job.train.threads > 0 {
         tch::set_num_threads(job.train.threads);
     }
@@ -371,7 +368,7 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
                 let t = Instant::now();
                 let images = b.images.to_device(device);
                 let labels = b.labels.to_device(device);
-                let logits = tch::autocast(scale.enabled, || model.net.forward_t(&images, true));
+                let logits = tch::autocast(autocast, || model.net.forward_t(&images, true));
                 let loss = smoothed_cross_entropy(&logits, &labels, job.train.label_smoothing);
                 metrics
                     .phase(Phase::Forward)
