@@ -7,6 +7,7 @@
 //!   and the per-stage geometry (channels, spatial sizes, attention spans).
 //! - [`job`]: the whole job file ([`job::JobConfig`]): data, training, optimizer, schedule,
 //!   checkpoints, evaluation, metrics.
+//! - [`plan`]: epoch plans, per-rank step ranges and the sample ledger (exactly-once data).
 //! - [`rng::Rng`]: the deterministic random streams everything reproducible draws from.
 //! - [`error::ConfigError`]: every configuration error names the key, the value and what is
 //!   allowed.
@@ -14,6 +15,7 @@
 pub mod error;
 pub mod job;
 pub mod model;
+pub mod plan;
 pub mod rng;
 
 pub use error::ConfigError;
