@@ -39,7 +39,9 @@ fn main() {
             .include(&include)
             .include(include.join("torch/csrc/api/include"))
             .flag_if_supported("-Wno-unused-parameter")
+            .include("csrc") // the gloo header stand-ins
             .file("csrc/precision.cpp")
+            .file("csrc/c10d_shim.cpp")
             .compile("axial_shim");
     }
 }

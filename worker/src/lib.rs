@@ -4,6 +4,7 @@
 //!   PyTorch names, attention maps.
 //! - [`forward`]: `axial-worker forward`, running a model on tensors from files (checking an
 //!   imported checkpoint; cross-framework parity).
+//! - [`collective`]: c10d process groups (Gloo) through the C++ shim, and DDP semantics.
 //! - [`data`]: datasets (builtin, image folder, tar shards, CIFAR-10, MNIST), manifests,
 //!   augmentation and the threaded loader.
 //! - [`train`]: the training step and the recipe's optimizer.
@@ -11,6 +12,7 @@
 //! - [`demo`]: `axial-worker demo`, a few training steps on a random batch (no data needed).
 //! - [`error::Error`]: the crate's one error type.
 
+pub mod collective;
 pub mod commands;
 pub mod data;
 pub mod demo;

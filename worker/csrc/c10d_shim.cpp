@@ -1,0 +1,133 @@
+// A small C ABI over libtorch's c10d process groups, so that the Rust worker runs the very
+// collectives PyTorch DDP runs: ProcessGroupGloo for CPU tensors (and CUDA tensors staged
+// through the host). Every call catches exceptions and returns their text; nothing throws
+// across the ABI. A tch `Tensor` is an `at::Tensor*`, so tensors pass straight through.
+#define USE_C10D_GLOO 1
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<c10d::Backend> pg;
+  std::chrono::milliseconds timeout;
+};
+
+void set_err(char* err, size_t len, const char* what) {
+  if (err != nullptr && len > 0) {
+    std::strncpy(err, what, len - 1);
+    err[len - 1] = '\0';
+  }
+}
+
+std::vector<at::Tensor> gather(at::Tensor** tensors, int n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int i = 0; i < n; ++i) out.push_back(*tensors[i]);
+  return out;
+}
+
+template <typename F>
+int guarded(char* err, size_t len, F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    set_err(err, len, e.what());
+  } catch (...) {
+    set_err(err, len, "unknown C++ exception");
+  }
+  return 1;
+}
+
+void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout) {
+  if (!work->wait(timeout)) throw std::runtime_error("collective did not complete within its timeout");
+}
+
+}  // namespace
+
+extern "C" {
+
+// The rendezvous store: rank 0 hosts it on `host:port` (port 0: any free port; the chosen one
+// is written to *bound_port); the others connect to it. Returns nullptr on error.
+void* axial_store_new(const char* host, int port, int rank, int world, int64_t timeout_ms,
+                      int* bound_port, char* err, size_t err_len) {
+  c10d::TCPStore* out = nullptr;
+  guarded(err, err_len, [&] {
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<uint16_t>(port);
+    opts.isServer = rank == 0;
+    opts.numWorkers = world;
+    opts.waitWorkers = false;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    if (bound_port != nullptr) *bound_port = store->getPort();
+    out = store.release();
+  });
+  return out;
+}
+
+void axial_store_free(void* store) {
+  if (store != nullptr) c10::intrusive_ptr<c10d::TCPStore>::reclaim(static_cast<c10d::TCPStore*>(store));
+}
+
+// Joins the Gloo group through `store` (blocks until every rank has joined, or the timeout).
+// Returns nullptr on error.
+void* axial_gloo_new(void* store, const char* host, int rank, int world, int64_t timeout_ms,
+                     char* err, size_t err_len) {
+  Group* group = nullptr;
+  guarded(err, err_len, [&] {
+    auto s = c10::intrusive_ptr<c10d::TCPStore>::unsafe_reclaim_from_nonowning(static_cast<c10d::TCPStore*>(store));
+    auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(s, rank, world, options);
+    group = new Group{s, pg, std::chrono::milliseconds(timeout_ms)};
+  });
+  return group;
+}
+
+// In-place sum over ranks of a list of same-dtype dense tensors (one coalesced collective).
+int axial_allreduce_sum(void* g, at::Tensor** tensors, int n, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    auto* group = static_cast<Group*>(g);
+    auto ts = gather(tensors, n);
+    c10d::AllreduceCoalescedOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = group->timeout;
+    wait(group->pg->allreduce_coalesced(ts, opts), group->timeout);
+  });
+}
+
+// In-place broadcast of one tensor from `root`.
+int axial_broadcast(void* g, at::Tensor* tensor, int root, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    auto* group = static_cast<Group*>(g);
+    std::vector<at::Tensor> ts{*tensor};
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    opts.timeout = group->timeout;
+    wait(group->pg->broadcast(ts, opts), group->timeout);
+  });
+}
+
+int axial_barrier(void* g, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    auto* group = static_cast<Group*>(g);
+    c10d::BarrierOptions opts;
+    opts.timeout = group->timeout;
+    wait(group->pg->barrier(opts), group->timeout);
+  });
+}
+
+void axial_group_free(void* g) {
+  delete static_cast<Group*>(g);
+}
+
+}  // extern "C"

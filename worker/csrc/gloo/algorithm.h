@@ -1,0 +1,3 @@
+// Declaration-only stand-in; see gloo/rendezvous/store.h.
+#pragma once
+#include "rendezvous/store.h"

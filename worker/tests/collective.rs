@@ -1,0 +1,274 @@
+//! Collectives across processes on loopback (Gloo through libtorch's c10d): every test spawns
+//! this test binary again as rank 0 and rank 1 (`AXIAL_CHILD_*` variables select the part a
+//! child plays), and checks what the ranks wrote.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use axial_common::ModelSpec;
+use axial_worker::collective::ddp::{
+    BUCKET_BYTES, allreduce_gradients, average_buffers, broadcast_state,
+};
+use axial_worker::collective::{ProcessGroup, Store};
+use axial_worker::model::{Model, cross_entropy};
+use axial_worker::train::optim::Optimizer;
+use tch::{Device, Kind, Tensor};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Child_ {
+    rank: usize,
+    port: u16,
+    out: PathBuf,
+}
+
+/// In a child: which rank it plays, the store port, where to write.
+fn child() -> Option<Child_> {
+    let rank = std::env::var("AXIAL_CHILD_RANK").ok()?.parse().ok()?;
+    let port = std::env::var("AXIAL_CHILD_PORT").ok()?.parse().ok()?;
+    let out = PathBuf::from(std::env::var("AXIAL_CHILD_OUT").ok()?);
+    Some(Child_ { rank, port, out })
+}
+
+fn spawn(test: &str, rank: usize, port: u16, out: &Path) -> Child {
+    Command::new(std::env::current_exe().expect("exe"))
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("AXIAL_CHILD_RANK", rank.to_string())
+        .env("AXIAL_CHILD_PORT", port.to_string())
+        .env("AXIAL_CHILD_OUT", out)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+/// Starts rank 0 (which picks the store port and prints it), then rank 1; waits for both.
+fn run_pair(test: &str) -> PathBuf {
+    let out = tempfile::tempdir().expect("tempdir").keep();
+    let mut r0 = spawn(test, 0, 0, &out);
+    let mut lines = BufReader::new(r0.stdout.take().expect("stdout")).lines();
+    let port: u16 = loop {
+        let line = lines
+            .next()
+            .expect("rank 0 ended before printing its port")
+            .expect("line");
+        // libtest may have printed "test name ... " on the same line first.
+        if let Some(at) = line.find("AXIAL_PORT=") {
+            break line[at + "AXIAL_PORT=".len()..]
+                .trim()
+                .parse()
+                .expect("port");
+        }
+    };
+    let mut r1 = spawn(test, 1, port, &out);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for (rank, c) in [(0, &mut r0), (1, &mut r1)] {
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                assert!(status.success(), "rank {rank} of {test} failed: {status}");
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("rank {rank} of {test} hung");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    out
+}
+
+fn join(c: &Child_) -> ProcessGroup {
+    let store = Store::new("127.0.0.1", c.port, c.rank, 2, TIMEOUT).expect("store");
+    if c.rank == 0 {
+        println!("AXIAL_PORT={}", store.port());
+    }
+    ProcessGroup::gloo(&store).expect("join the group")
+}
+
+#[test]
+fn allreduce_and_broadcast_across_two_processes() {
+    if let Some(c) = child() {
+        let pg = join(&c);
+        let a = Tensor::full([4], (c.rank + 1) as f64, (Kind::Float, Device::Cpu));
+        let b = Tensor::full([1_000_000], c.rank as f64, (Kind::Float, Device::Cpu));
+        pg.allreduce_sum(&[a.shallow_clone(), b.shallow_clone()])
+            .expect("all-reduce");
+        assert_eq!(Vec::<f32>::try_from(&a).expect("vec"), vec![3.0; 4]);
+        assert_eq!(b.sum(Kind::Double).double_value(&[]), 1_000_000.0);
+        let x = Tensor::full([3], (10 * c.rank) as f64 + 7.0, (Kind::Float, Device::Cpu));
+        pg.broadcast(&x, 0).expect("broadcast");
+        assert_eq!(Vec::<f32>::try_from(&x).expect("vec"), vec![7.0; 3]);
+        pg.barrier().expect("barrier");
+        std::fs::write(c.out.join(format!("ok{}", c.rank)), "ok").expect("write");
+        return;
+    }
+    let out = run_pair("allreduce_and_broadcast_across_two_processes");
+    assert!(out.join("ok0").exists() && out.join("ok1").exists());
+}
+
+fn tiny_model(seed: i64) -> Model {
+    let cfg = ModelSpec::from_toml_document(
+        "[model]\nvariant = \"official\"\nlayers = [1, 1, 1, 1]\nwidth = 0.125\nnum_classes = 10\nimage_size = 32\nzero_init_residual = false\n",
+        "test",
+    )
+    .and_then(|s| s.resolve())
+    .expect("config");
+    Model::new(&cfg, Device::Cpu, seed)
+}
+
+fn params(model: &Model) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = model
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// DDP: different initial weights and different data on each rank; after rank 0's state is
+/// broadcast and a few steps with all-reduced gradients, every weight, buffer and optimizer
+/// state is bit-identical on both ranks. Rank 0 has 5 samples a step, rank 1 has 3.
+#[test]
+fn replicas_stay_bit_identical() {
+    if let Some(c) = child() {
+        let pg = join(&c);
+        let model = tiny_model(100 + c.rank as i64);
+        let mut all: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        broadcast_state(
+            &pg,
+            &all.iter()
+                .map(|(_, t)| t.shallow_clone())
+                .collect::<Vec<_>>(),
+        )
+        .expect("broadcast");
+        let mut opt = Optimizer::new(&Default::default(), params(&model));
+        let buffers: Vec<Tensor> = all
+            .iter()
+            .filter(|(_, t)| !t.requires_grad())
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        tch::manual_seed(7 + c.rank as i64);
+        let (local, global) = ([5i64, 3][c.rank], 8.0);
+        for _ in 0..3 {
+            let x = Tensor::randn([local, 3, 32, 32], (Kind::Float, Device::Cpu));
+            let y = Tensor::randint(10, [local], (Kind::Int64, Device::Cpu));
+            let loss = cross_entropy(&model.net.forward_t(&x, true), &y) * (local as f64 / global);
+            opt.zero_grad();
+            loss.backward();
+            allreduce_gradients(&pg, &opt.grads(), BUCKET_BYTES).expect("gradients");
+            opt.step(0.05);
+            average_buffers(&pg, &buffers).expect("buffers");
+        }
+        let mut state = model.state_dict();
+        state.extend(opt.state_tensors());
+        Tensor::write_safetensors(&state, c.out.join(format!("rank{}.safetensors", c.rank)))
+            .expect("write");
+        return;
+    }
+    let out = run_pair("replicas_stay_bit_identical");
+    let a = std::fs::read(out.join("rank0.safetensors")).expect("rank 0 state");
+    let b = std::fs::read(out.join("rank1.safetensors")).expect("rank 1 state");
+    let n = Tensor::read_safetensors(out.join("rank0.safetensors"))
+        .expect("read")
+        .len();
+    println!(
+        "{n} tensors (weights, buffers, momentum), {} bytes: identical = {}",
+        a.len(),
+        a == b
+    );
+    assert!(n > 100);
+    assert!(a == b, "replicas differ after 3 steps");
+}
+
+/// An uneven step (3 samples on rank 0, 1 on rank 1) gives exactly the gradient of the mean
+/// loss over all 4 samples, as one process computes it.
+#[test]
+fn uneven_step_gives_the_exact_global_mean_gradient() {
+    if let Some(c) = child() {
+        let pg = join(&c);
+        let model = tiny_model(5);
+        let mut g = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        tch::manual_seed(11);
+        g = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu)) + g.zeros_like();
+        let y = Tensor::from_slice(&[1i64, 4, 7, 2]);
+        // Eval-mode batch norm: each sample's loss is independent of the others.
+        let full = cross_entropy(&model.net.forward_t(&g, false), &y);
+        let p = params(&model);
+        let reference: Vec<Tensor> = Tensor::run_backward(
+            &[full],
+            &p.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>(),
+            false,
+            false,
+        );
+        let (from, n) = [(0, 3), (3, 1)][c.rank];
+        let loss = cross_entropy(
+            &model.net.forward_t(&g.narrow(0, from, n), false),
+            &y.narrow(0, from, n),
+        ) * (n as f64 / 4.0);
+        let opt = Optimizer::new(&Default::default(), p);
+        opt.zero_grad();
+        loss.backward();
+        let grads = opt.grads();
+        allreduce_gradients(&pg, &grads, 1 << 16).expect("gradients"); // small buckets: several
+        // Relative to each tensor's scale, floored at 1e-3 of the largest gradient: some
+        // gradients are zero up to round-off (a bias in front of a softmax).
+        let global = reference
+            .iter()
+            .map(|t| t.abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        let mut worst = 0f64;
+        for (ours, want) in grads.iter().zip(&reference) {
+            let scale = want.abs().max().double_value(&[]).max(1e-3 * global);
+            worst = worst.max((ours - want).abs().max().double_value(&[]) / scale);
+        }
+        std::fs::write(c.out.join(format!("err{}", c.rank)), worst.to_string()).expect("write");
+        return;
+    }
+    let out = run_pair("uneven_step_gives_the_exact_global_mean_gradient");
+    for r in 0..2 {
+        let e: f64 = std::fs::read_to_string(out.join(format!("err{r}")))
+            .expect("err")
+            .parse()
+            .expect("f64");
+        println!("rank {r}: worst relative gradient error {e:.2e}");
+        assert!(e < 1e-4, "rank {r}: {e}");
+    }
+}
+
+/// A collective whose peer died fails within its timeout instead of hanging.
+#[test]
+fn dead_peer_fails_within_the_timeout() {
+    if let Some(c) = child() {
+        let pg = join(&c);
+        if c.rank == 1 {
+            std::process::exit(0); // dies without a word
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let r = pg.allreduce_sum(&[Tensor::ones([16], (Kind::Float, Device::Cpu))]);
+        let took = t.elapsed();
+        let msg = match r {
+            Ok(()) => panic!("all-reduce with a dead peer succeeded"),
+            Err(e) => e.to_string(),
+        };
+        std::fs::write(
+            c.out.join("dead"),
+            format!("{:.2}\n{msg}", took.as_secs_f64()),
+        )
+        .expect("write");
+        std::process::exit(0); // do not wait for the dead peer in the group's destructor
+    }
+    let out = run_pair("dead_peer_fails_within_the_timeout");
+    let text = std::fs::read_to_string(out.join("dead")).expect("rank 0 reported");
+    let (secs, msg) = text.split_once('\n').expect("two lines");
+    let secs: f64 = secs.parse().expect("seconds");
+    println!("all-reduce with a dead peer failed after {secs:.2} s: {msg}");
+    assert!(secs <= TIMEOUT.as_secs_f64() + 5.0, "took {secs} s");
+    assert!(msg.contains("all-reduce"));
+}
