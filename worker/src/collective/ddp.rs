@@ -76,8 +76,7 @@ pub fn broadcast_state(pg: &ProcessGroup, tensors: &[Tensor]) -> Result<(), Coll
         tch::no_grad(|| {
             for t in &group {
                 let n = t.numel() as i64;
-                let _ = t
-                    .shallow_clone()
+                t.shallow_clone()
                     .copy_(&flat.narrow(0, offset, n).view(t.size().as_slice()));
                 offset += n;
             }
