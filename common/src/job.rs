@@ -49,6 +49,18 @@ pub enum Precision {
     Fp16,
 }
 
+/// Which batch norms compute their training statistics across all ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncBn {
+    /// Every norm uses its own rank's batch (running statistics are averaged after each step).
+    None,
+    /// The attention layers' `bn_qkv`, `bn_similarity`, `bn_output` (default).
+    Attention,
+    /// Every batch norm.
+    All,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerName {
@@ -149,6 +161,8 @@ pub struct TrainConfig {
     pub threads: i32,
     /// Log (and read the loss) every this many steps.
     pub log_every: u64,
+    /// Synchronized batch norm across ranks: none, attention (default) or all.
+    pub sync_bn: SyncBn,
 }
 
 impl Default for TrainConfig {
@@ -164,6 +178,7 @@ impl Default for TrainConfig {
             device: "auto".into(),
             threads: 0,
             log_every: 20,
+            sync_bn: SyncBn::Attention,
         }
     }
 }

@@ -5,6 +5,7 @@
 #define USE_C10D_GLOO 1
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <chrono>
 #include <cstring>
@@ -51,9 +52,44 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds 
   if (!work->wait(timeout)) throw std::runtime_error("collective did not complete within its timeout");
 }
 
+// Sum over ranks that autograd can go through: the forward all-reduces the values, the
+// backward all-reduces the incoming gradients (d(sum_r x_r)/dx_r = 1 on every rank, and every
+// rank's loss depends on the sum). This is what synchronized batch norm needs.
+struct AllReduceSumFn : public torch::autograd::Function<AllReduceSumFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, int64_t group) {
+    ctx->saved_data["group"] = group;
+    auto* g = reinterpret_cast<Group*>(group);
+    std::vector<at::Tensor> ts{x.detach().clone().contiguous()};
+    c10d::AllreduceCoalescedOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = g->timeout;
+    wait(g->pg->allreduce_coalesced(ts, opts), g->timeout);
+    return ts[0];
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* g = reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
+    std::vector<at::Tensor> ts{grads[0].detach().clone().contiguous()};
+    c10d::AllreduceCoalescedOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = g->timeout;
+    wait(g->pg->allreduce_coalesced(ts, opts), g->timeout);
+    return {ts[0], at::Tensor()};
+  }
+};
+
 }  // namespace
 
 extern "C" {
+
+// Differentiable sum over ranks: *out receives a new tensor (owned by the caller).
+int axial_allreduce_sum_autograd(void* g, at::Tensor* x, at::Tensor** out, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    auto y = AllReduceSumFn::apply(*x, reinterpret_cast<int64_t>(g));
+    *out = new at::Tensor(std::move(y));
+  });
+}
 
 // The rendezvous store: rank 0 hosts it on `host:port` (port 0: any free port; the chosen one
 // is written to *bound_port); the others connect to it. Returns nullptr on error.

@@ -7,11 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use axial_common::ModelSpec;
+use axial_common::job::SyncBn;
 use axial_worker::collective::ddp::{
     BUCKET_BYTES, allreduce_gradients, average_buffers, broadcast_state,
 };
 use axial_worker::collective::{ProcessGroup, Store};
+use axial_worker::model::batch_norm::SyncContext;
 use axial_worker::model::{Model, cross_entropy};
 use axial_worker::train::optim::Optimizer;
 use tch::{Device, Kind, Tensor};
@@ -136,8 +140,11 @@ fn params(model: &Model) -> Vec<(String, Tensor)> {
 #[test]
 fn replicas_stay_bit_identical() {
     if let Some(c) = child() {
-        let pg = join(&c);
+        let pg = Arc::new(join(&c));
         let model = tiny_model(100 + c.rank as i64);
+        model
+            .net
+            .set_sync_bn(Some(SyncContext::new(pg.clone())), SyncBn::Attention);
         let mut all: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         broadcast_state(
@@ -271,4 +278,86 @@ fn dead_peer_fails_within_the_timeout() {
     println!("all-reduce with a dead peer failed after {secs:.2} s: {msg}");
     assert!(secs <= TIMEOUT.as_secs_f64() + 5.0, "took {secs} s");
     assert!(msg.contains("all-reduce"));
+}
+
+/// Synchronized batch norm: 2 ranks x batch 4 train like 1 rank x batch 8 — logits, loss,
+/// gradients and running statistics.
+#[test]
+fn sync_batch_norm_matches_one_big_batch() {
+    if let Some(c) = child() {
+        let pg = Arc::new(join(&c));
+        let ctx = SyncContext::new(pg.clone());
+        let model = tiny_model(5);
+        model.net.set_sync_bn(Some(ctx.clone()), SyncBn::All);
+        tch::manual_seed(21);
+        let x = Tensor::randn([8, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let y = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
+        let (from, n) = (4 * c.rank as i64, 4);
+        let logits = model.net.forward_t(&x.narrow(0, from, n), true);
+        let loss = cross_entropy(&logits, &y.narrow(0, from, n)) * 0.5;
+        let opt = Optimizer::new(&Default::default(), params(&model));
+        opt.zero_grad();
+        loss.backward();
+        assert!(ctx.take_error().is_none());
+        let grads = opt.grads();
+        allreduce_gradients(&pg, &grads, BUCKET_BYTES).expect("gradients");
+        let total_loss = loss.detach().reshape([1]);
+        pg.allreduce_sum(std::slice::from_ref(&total_loss))
+            .expect("loss");
+
+        // One process, the whole batch, plain batch norm.
+        let single = tiny_model(5);
+        let logits_full = single.net.forward_t(&x, true);
+        let loss_full = cross_entropy(&logits_full, &y);
+        let opt_full = Optimizer::new(&Default::default(), params(&single));
+        loss_full.backward();
+        let rel = |a: &Tensor, b: &Tensor| {
+            let scale = b.abs().max().double_value(&[]).max(1e-12);
+            (a - b).abs().max().double_value(&[]) / scale
+        };
+        let global = opt_full
+            .grads()
+            .iter()
+            .map(|t| t.abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        let grad_err = grads
+            .iter()
+            .zip(opt_full.grads())
+            .map(|(a, b)| {
+                let scale = b.abs().max().double_value(&[]).max(1e-3 * global);
+                (a - &b).abs().max().double_value(&[]) / scale
+            })
+            .fold(0.0, f64::max);
+        let stats_err = model
+            .state_dict()
+            .iter()
+            .zip(single.state_dict())
+            .filter(|((name, _), _)| name.contains("running"))
+            .map(|((_, a), (_, b))| (a - &b).abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        let report = format!(
+            "{:.2e} {:.2e} {:.2e} {:.2e}",
+            rel(&logits, &logits_full.narrow(0, from, n)),
+            (total_loss - loss_full.reshape([1]))
+                .abs()
+                .double_value(&[0]),
+            grad_err,
+            stats_err
+        );
+        std::fs::write(c.out.join(format!("syncbn{}", c.rank)), report).expect("write");
+        return;
+    }
+    let out = run_pair("sync_batch_norm_matches_one_big_batch");
+    for r in 0..2 {
+        let text = std::fs::read_to_string(out.join(format!("syncbn{r}"))).expect("report");
+        let e: Vec<f64> = text.split(' ').map(|v| v.parse().expect("f64")).collect();
+        println!(
+            "rank {r}: logits {:.2e}, loss {:.2e}, gradients {:.2e}, running stats {:.2e}",
+            e[0], e[1], e[2], e[3]
+        );
+        assert!(
+            e[0] < 1e-4 && e[1] < 1e-5 && e[2] < 1e-3 && e[3] < 1e-5,
+            "rank {r}: {text}"
+        );
+    }
 }

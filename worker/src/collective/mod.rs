@@ -57,6 +57,13 @@ mod ffi {
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
+        pub fn axial_allreduce_sum_autograd(
+            g: *mut c_void,
+            x: *mut c_void,
+            out: *mut *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
         pub fn axial_barrier(g: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
         pub fn axial_group_free(g: *mut c_void);
     }
@@ -167,10 +174,12 @@ impl std::fmt::Debug for ProcessGroup {
     }
 }
 
-// The c10d backend is thread-safe for calls from one thread at a time; the group is moved, not
-// shared, between threads.
+// c10d backends are thread-safe (ProcessGroupGloo queues work on its own threads); the shim's
+// Group is immutable after creation.
 #[allow(unsafe_code)]
 unsafe impl Send for ProcessGroup {}
+#[allow(unsafe_code)]
+unsafe impl Sync for ProcessGroup {}
 
 /// Runs a shim call with an error buffer.
 #[allow(unsafe_code)]
@@ -260,6 +269,33 @@ impl ProcessGroup {
                 )
             }
         })
+    }
+
+    /// Sum over ranks that autograd goes through: the backward pass sums the gradients over
+    /// ranks too (a differentiable all-reduce, for synchronized batch norm). Every rank must
+    /// call it, and run its backward, in the same order.
+    #[allow(unsafe_code)]
+    pub fn allreduce_sum_differentiable(&self, x: &Tensor) -> Result<Tensor, CollectiveError> {
+        let mut out: *mut c_void = std::ptr::null_mut();
+        call(
+            "differentiable all-reduce",
+            self.rank,
+            self.world,
+            |err, len| {
+                // SAFETY: x is a live at::Tensor*; on success *out is a new heap at::Tensor.
+                unsafe {
+                    ffi::axial_allreduce_sum_autograd(
+                        self.ptr,
+                        x.as_ptr() as *mut c_void,
+                        &mut out,
+                        err,
+                        len,
+                    )
+                }
+            },
+        )?;
+        // SAFETY: `out` is a fresh at::Tensor* whose ownership passes to the Tensor.
+        Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
     }
 
     #[allow(unsafe_code)]

@@ -147,6 +147,13 @@ impl AxialAttention {
         &self.cfg
     }
 
+    /// `bn_qkv`, `bn_similarity` and (official) `bn_output`.
+    pub fn batch_norms(&self) -> Vec<&BatchNorm> {
+        let mut v = vec![&self.bn_qkv, &self.bn_similarity];
+        v.extend(self.bn_output.as_ref());
+        v
+    }
+
     /// The reference's index buffer for L = K (`flatten_index` / `distance_matrix`), `[K*K]` int64.
     pub fn index_buffer(&self) -> Tensor {
         let (idx, _) = relative_index(self.cfg.span, self.cfg.span, self.cfg.convention);

@@ -5,7 +5,11 @@
 //! running variance updated with the unbiased batch variance) and keeps `num_batches_tracked`
 //! as an int64 buffer so that state dicts move both ways unchanged.
 
+use std::sync::{Arc, Mutex, RwLock};
+
 use tch::{Kind, Tensor, nn};
+
+use crate::collective::{CollectiveError, ProcessGroup};
 
 pub const MOMENTUM: f64 = 0.1;
 pub const EPS: f64 = 1e-5;
@@ -17,6 +21,36 @@ pub struct BatchNorm {
     pub running_mean: Tensor,
     pub running_var: Tensor,
     pub num_batches_tracked: Tensor,
+    /// Cross-replica statistics in training, when set (synchronized batch norm).
+    sync: RwLock<Option<Arc<SyncContext>>>,
+}
+
+/// What synchronized batch norms share: the group, and the first collective error, which the
+/// training step reports at its end (a forward pass cannot return one; the norm falls back to
+/// local statistics, and the step fails).
+#[derive(Debug)]
+pub struct SyncContext {
+    pub group: Arc<ProcessGroup>,
+    error: Mutex<Option<CollectiveError>>,
+}
+
+impl SyncContext {
+    pub fn new(group: Arc<ProcessGroup>) -> Arc<Self> {
+        Arc::new(Self {
+            group,
+            error: Mutex::new(None),
+        })
+    }
+
+    /// The first error since the last call, if any.
+    pub fn take_error(&self) -> Option<CollectiveError> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn record(&self, e: CollectiveError) {
+        let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(e);
+    }
 }
 
 impl BatchNorm {
@@ -33,12 +67,27 @@ impl BatchNorm {
                 Tensor::zeros([], (Kind::Int64, p.device())),
                 false,
             ),
+            sync: RwLock::new(None),
         }
+    }
+
+    /// Synchronizes this norm's training statistics over `ctx`'s group (`None`: local).
+    pub fn set_sync(&self, ctx: Option<Arc<SyncContext>>) {
+        *self.sync.write().unwrap_or_else(|e| e.into_inner()) = ctx;
     }
 
     /// Normalizes over every dimension but the channel dimension 1 (`[N, C]`, `[N, C, L]`,
     /// `[N, C, H, W]`). In training, uses and records the batch statistics.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        if train {
+            let ctx = self.sync.read().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(ctx) = ctx.filter(|c| c.group.world() > 1) {
+                match self.forward_synchronized(xs, &ctx.group) {
+                    Ok(y) => return y,
+                    Err(e) => ctx.record(e),
+                }
+            }
+        }
         if train {
             tch::no_grad(|| {
                 let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
@@ -55,5 +104,55 @@ impl BatchNorm {
             EPS,
             true,
         )
+    }
+
+    /// Training-mode batch norm with the mean and variance of the whole global batch: the
+    /// per-channel sums of x and x^2 and the count are summed over ranks by a differentiable
+    /// all-reduce, so the backward pass carries the cross-rank terms too (2 ranks x batch B
+    /// train like 1 rank x batch 2B). Running statistics are updated from the global
+    /// statistics, so they are identical on every rank.
+    fn forward_synchronized(
+        &self,
+        xs: &Tensor,
+        group: &ProcessGroup,
+    ) -> Result<Tensor, CollectiveError> {
+        let c = xs.size()[1];
+        let dims: Vec<i64> = (0..xs.dim() as i64).filter(|d| *d != 1).collect();
+        let x = xs.to_kind(Kind::Float);
+        let count = (x.numel() as i64 / c) as f64;
+        let local = Tensor::cat(
+            &[
+                x.sum_dim_intlist(dims.as_slice(), false, Kind::Float),
+                x.square()
+                    .sum_dim_intlist(dims.as_slice(), false, Kind::Float),
+                Tensor::full([1], count, (Kind::Float, x.device())),
+            ],
+            0,
+        );
+        let global = group.allreduce_sum_differentiable(&local)?;
+        let n = global.narrow(0, 2 * c, 1);
+        let mean = global.narrow(0, 0, c) / &n;
+        let var = (global.narrow(0, c, c) / &n - mean.square()).clamp_min(0.0);
+        let mut shape = vec![1i64; xs.dim()];
+        shape[1] = c;
+        let scale = (&var + EPS).rsqrt() * &self.weight;
+        let y = (&x - mean.view(shape.as_slice())) * scale.view(shape.as_slice())
+            + self.bias.view(shape.as_slice());
+        tch::no_grad(|| {
+            let total = n.double_value(&[0]);
+            let unbiased = &var * (total / (total - 1.0).max(1.0));
+            let _ = self
+                .running_mean
+                .shallow_clone()
+                .g_mul_scalar_(1.0 - MOMENTUM)
+                .g_add_(&(mean.detach() * MOMENTUM));
+            let _ = self
+                .running_var
+                .shallow_clone()
+                .g_mul_scalar_(1.0 - MOMENTUM)
+                .g_add_(&(unbiased.detach() * MOMENTUM));
+            let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+        });
+        Ok(y.to_kind(xs.kind()))
     }
 }

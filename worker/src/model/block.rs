@@ -202,6 +202,26 @@ impl Block {
         }
     }
 
+    /// Every batch norm of the block, with whether it belongs to an attention layer.
+    pub fn batch_norms(&self) -> Vec<(&BatchNorm, bool)> {
+        let mut v = Vec::new();
+        match self {
+            Block::Axial(b) => {
+                v.push((&b.bn_in, false));
+                for layer in [&b.height_block, &b.width_block] {
+                    v.extend(layer.batch_norms().into_iter().map(|bn| (bn, true)));
+                }
+                v.push((&b.bn_out, false));
+                v.extend(b.downsample.as_ref().map(|d| (&d.bn, false)));
+            }
+            Block::Conv(b) => {
+                v.extend([(&b.bn1, false), (&b.bn2, false), (&b.bn3, false)]);
+                v.extend(b.downsample.as_ref().map(|d| (&d.bn, false)));
+            }
+        }
+        v
+    }
+
     /// The attention layers of this block (none for a conv block).
     pub fn attention_layers(&self) -> Vec<&AxialAttention> {
         match self {

@@ -5,11 +5,14 @@
 //! conv1 7x7/2 -> bn1 -> ReLU -> MaxPool 3x3/2 -> layer1..layer4 -> global AvgPool -> fc
 //! ```
 
+use std::sync::Arc;
+
 use axial_common::ModelConfig;
+use axial_common::job::SyncBn;
 use tch::{Tensor, nn};
 
 use super::attention::{AttentionMap, AxialAttention};
-use super::batch_norm::BatchNorm;
+use super::batch_norm::{BatchNorm, SyncContext};
 use super::block::{AxialBlock, Block, Bottleneck, conv};
 
 #[derive(Debug)]
@@ -117,6 +120,22 @@ impl AxialResNet {
         out.adaptive_avg_pool2d([1, 1])
             .flatten(1, -1)
             .apply(&self.fc) // [N, classes]
+    }
+
+    /// Synchronizes batch statistics across the ranks of `ctx` (synchronized batch norm) for
+    /// the attention layers' norms (`SyncBn::Attention`) or every norm (`SyncBn::All`);
+    /// `SyncBn::None` or `ctx = None` makes every norm local again.
+    pub fn set_sync_bn(&self, ctx: Option<Arc<SyncContext>>, mode: SyncBn) {
+        let stem = std::iter::once((&self.bn1, false));
+        let blocks = self.layers.iter().flatten().flat_map(Block::batch_norms);
+        for (bn, in_attention) in stem.chain(blocks) {
+            let on = match mode {
+                SyncBn::None => false,
+                SyncBn::Attention => in_attention,
+                SyncBn::All => true,
+            };
+            bn.set_sync(if on { ctx.clone() } else { None });
+        }
     }
 
     /// Every attention layer, in network order.
