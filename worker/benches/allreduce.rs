@@ -1,0 +1,161 @@
+//! Gradient all-reduce across 2 local processes (Gloo over loopback, through libtorch c10d):
+//! the bucketed DDP path (~25 MB buckets, reverse parameter order) against one raw coalesced
+//! all-reduce of a flat buffer of the same size, for the gradients of axial26s and axial50s
+//! (224 px, 1000 classes), and the share of a training step it would take.
+//!
+//! `cargo bench -p axial-worker --bench allreduce [-- --iters 10]`
+//!
+//! The bench spawns itself as rank 1 (AXIAL_BENCH_RANK), so both ranks run the same code. Both
+//! ranks use one intra-op thread (two processes share the two cores), the step time too.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use axial_common::ModelConfig;
+use axial_worker::collective::ddp::{BUCKET_BYTES, allreduce_gradients, buckets};
+use axial_worker::collective::{ProcessGroup, Store};
+use axial_worker::model::Model;
+use axial_worker::train::{sgd, train_step};
+use tch::{Device, Kind, Tensor};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn grads_like(arch: &str) -> Vec<Tensor> {
+    let Ok(cfg) = ModelConfig::preset(arch) else {
+        eprintln!("allreduce bench: unknown preset {arch}");
+        std::process::exit(2);
+    };
+    let model = Model::new(&cfg, Device::Cpu, 0);
+    let mut vars: Vec<(String, Tensor)> = model
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.iter().map(|(_, t)| t.detach().randn_like()).collect()
+}
+
+fn run(rank: usize, port: u16, iters: usize) {
+    let store = match Store::new("127.0.0.1", port, rank, 2, Duration::from_secs(60)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("allreduce bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    if rank == 0 {
+        println!("AXIAL_PORT={}", store.port());
+        let child = Command::new(std::env::current_exe().expect("exe"))
+            .args(std::env::args().skip(1))
+            .env("AXIAL_BENCH_RANK", "1")
+            .env("AXIAL_BENCH_PORT", store.port().to_string())
+            .stdout(Stdio::null())
+            .spawn();
+        if let Err(e) = child {
+            eprintln!("allreduce bench: cannot start rank 1: {e}");
+            std::process::exit(1);
+        }
+    }
+    let pg = ProcessGroup::gloo(&store).unwrap_or_else(|e| {
+        eprintln!("allreduce bench: {e}");
+        std::process::exit(1);
+    });
+    if rank == 0 {
+        println!("2 processes, Gloo over loopback, median of {iters}");
+        println!(
+            "| model | gradient MB | buckets | bucketed ms | bucketed GB/s | flat ms | flat GB/s | train step ms (64 px, b16) | all-reduce share |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+    }
+    for arch in ["axial26s", "axial50s"] {
+        let grads = grads_like(arch);
+        let bytes: usize = grads.iter().map(|t| t.numel() * 4).sum();
+        let flat = Tensor::zeros([(bytes / 4) as i64], (Kind::Float, Device::Cpu));
+        let mut bucketed = Vec::new();
+        let mut raw = Vec::new();
+        for i in 0..iters + 2 {
+            let _ = pg.barrier();
+            let t = Instant::now();
+            if let Err(e) = allreduce_gradients(&pg, &grads, BUCKET_BYTES) {
+                eprintln!("allreduce bench: {e}");
+                std::process::exit(1);
+            }
+            let b = t.elapsed().as_secs_f64();
+            let _ = pg.barrier();
+            let t = Instant::now();
+            if let Err(e) = pg.allreduce_sum(std::slice::from_ref(&flat)) {
+                eprintln!("allreduce bench: {e}");
+                std::process::exit(1);
+            }
+            let f = t.elapsed().as_secs_f64();
+            if i >= 2 {
+                bucketed.push(b);
+                raw.push(f);
+            }
+        }
+        // The step it would be part of (rank 0 only; rank 1 waits at the barrier).
+        let step_ms = if rank == 0 {
+            let mut cfg = ModelConfig::preset(arch).expect("preset");
+            cfg.num_classes = 10;
+            cfg.image_size = axial_common::model::ImageSize {
+                height: 64,
+                width: 64,
+            };
+            let model = Model::new(&cfg, Device::Cpu, 0);
+            let mut opt = sgd(&model.vs, 0.1).expect("sgd");
+            let x = Tensor::randn([16, 3, 64, 64], (Kind::Float, Device::Cpu));
+            let y = Tensor::randint(10, [16], (Kind::Int64, Device::Cpu));
+            let times: Vec<f64> = (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    let _ = train_step(&model.net, &mut opt, &x, &y);
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            median(times) * 1e3
+        } else {
+            0.0
+        };
+        let _ = pg.barrier();
+        if rank == 0 {
+            let (b, f) = (median(bucketed), median(raw));
+            let gb = bytes as f64 / 1e9;
+            println!(
+                "| {arch} | {:.1} | {} | {:.1} | {:.2} | {:.1} | {:.2} | {step_ms:.0} | {:.0}% |",
+                bytes as f64 / 1e6,
+                buckets(&grads, BUCKET_BYTES).len(),
+                b * 1e3,
+                gb / b,
+                f * 1e3,
+                gb / f,
+                100.0 * b * 1e3 / (step_ms + b * 1e3)
+            );
+        }
+    }
+}
+
+fn main() {
+    let iters: usize = std::env::args()
+        .skip_while(|a| a != "--iters")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    tch::set_num_threads(1);
+    match std::env::var("AXIAL_BENCH_RANK")
+        .ok()
+        .and_then(|r| r.parse::<usize>().ok())
+    {
+        Some(rank) => {
+            let port = std::env::var("AXIAL_BENCH_PORT")
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            run(rank, port, iters)
+        }
+        None => run(0, 0, iters),
+    }
+}
