@@ -9,9 +9,11 @@
 //!   checkpoints, evaluation, metrics.
 //! - [`plan`]: epoch plans, per-rank step ranges and the sample ledger (exactly-once data).
 //! - [`rng::Rng`]: the deterministic random streams everything reproducible draws from.
+//! - [`checkpoint`]: the checkpoint folder format and its atomic commit (manifest.json).
 //! - [`error::ConfigError`]: every configuration error names the key, the value and what is
 //!   allowed.
 
+pub mod checkpoint;
 pub mod error;
 pub mod job;
 pub mod model;

@@ -125,28 +125,68 @@ impl StepPlan {
         self.world * self.batch
     }
 
-    /// Steps left in the epoch from `base` (the last may be partial).
-    pub fn steps(&self) -> u64 {
-        (self.len - self.base.min(self.len)).div_ceil(self.global_batch().max(1))
+    fn remaining(&self) -> u64 {
+        self.len.saturating_sub(self.base)
     }
 
-    /// Positions `[from, to)` of rank `rank` at step `step` (counted from `base`); empty
-    /// (from == to) for a rank with nothing left in the last step.
+    /// Steps left in the epoch from `base`. The remainder after the full steps becomes one
+    /// more, smaller step split evenly over the ranks; a remainder smaller than the number of
+    /// ranks is added to the last full step instead, so that every rank has at least one sample
+    /// in every step (a rank with none could not take part in synchronized batch norm).
+    pub fn steps(&self) -> u64 {
+        let g = self.global_batch().max(1);
+        let (full, rem) = (self.remaining() / g, self.remaining() % g);
+        if rem == 0 {
+            full
+        } else if rem >= self.world || full == 0 {
+            full + 1
+        } else {
+            full
+        }
+    }
+
+    /// Positions `[from, to)` of the whole step.
+    fn span(&self, step: u64) -> (u64, u64) {
+        let steps = self.steps();
+        if step >= steps {
+            return (self.len, self.len);
+        }
+        let from = self.base + step * self.global_batch();
+        let to = if step + 1 == steps {
+            self.len
+        } else {
+            from + self.global_batch()
+        };
+        (from, to)
+    }
+
+    /// Positions `[from, to)` of rank `rank` at step `step` (counted from `base`). Full steps
+    /// give every rank `batch`; the last, uneven step is split as evenly as possible.
     pub fn range(&self, step: u64, rank: u64) -> (u64, u64) {
-        let from = self.base + step * self.global_batch() + rank * self.batch;
-        let to = from + self.batch;
-        (from.min(self.len), to.min(self.len))
+        let (from, to) = self.span(step);
+        let n = to - from;
+        if n == self.global_batch() {
+            let a = from + rank * self.batch;
+            return (a, a + self.batch);
+        }
+        let (q, r) = (n / self.world, n % self.world);
+        let a = from + rank * q + rank.min(r);
+        (a, a + q + u64::from(rank < r))
     }
 
     /// Samples in the whole step `step` (all ranks).
     pub fn step_samples(&self, step: u64) -> u64 {
-        let from = (self.base + step * self.global_batch()).min(self.len);
-        (from + self.global_batch()).min(self.len) - from
+        let (from, to) = self.span(step);
+        to - from
     }
 
     /// Consumed prefix after `steps` steps of this plan.
     pub fn prefix_after(&self, steps: u64) -> u64 {
-        (self.base + steps * self.global_batch()).min(self.len)
+        if steps >= self.steps() {
+            self.len
+        } else {
+            self.base + steps * self.global_batch()
+        }
     }
 }
 
@@ -221,12 +261,24 @@ mod tests {
             assert_eq!(n, plan.step_samples(step));
         }
         assert!(seen.iter().all(|&c| c == 1));
-        assert_eq!(plan.range(4, 0), (96, 103));
-        assert_eq!(
-            plan.range(4, 1),
-            (103, 103),
-            "rank 1 has nothing in the last step"
-        );
+        // The last 7 positions split 3 + 2 + 2.
+        assert_eq!(plan.range(4, 0), (96, 99));
+        assert_eq!(plan.range(4, 1), (99, 101));
+        assert_eq!(plan.range(4, 2), (101, 103));
+        // A remainder smaller than the world joins the last full step: no rank is ever left
+        // without a sample.
+        let small = StepPlan {
+            base: 0,
+            world: 3,
+            batch: 4,
+            len: 26,
+        };
+        assert_eq!(small.steps(), 2);
+        assert_eq!(small.step_samples(1), 14);
+        assert!((0..3).all(|r| {
+            let (a, b) = small.range(1, r);
+            b > a
+        }));
     }
 
     /// Stop after some steps on 2 workers, resume on 1 (and 1 -> 2): exactly once.

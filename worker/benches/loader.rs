@@ -79,14 +79,7 @@ fn main() {
     for &t in &threads {
         // One warm-up pass (page cache), then the timed one.
         for timed in [false, true] {
-            let plan = Plan {
-                order: (0..source.len()).collect(),
-                batch_size: 32,
-                start_batch: 0,
-                train: true,
-                epoch: 0,
-                seed: 0,
-            };
+            let plan = Plan::chunked((0..source.len()).collect(), 32, true, 0, 0);
             let start = Instant::now();
             let images: usize = Loader::start(
                 source.clone(),

@@ -40,10 +40,11 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     }
     let opts = RunOptions {
         resume: args.resume,
+        resume_from: None,
         stop_after_steps: args.stop_after_steps,
         quiet: args.quiet,
     };
-    let s = run(&job, &opts, &metrics)?;
+    let s = run(&job, &opts, &metrics, None)?;
     println!(
         "{} after {} steps ({} samples) in {:.1} s ({:.1} images/s): val top-1 {:.2}%, top-5 {:.2}%, loss {:.4}{}",
         if s.stopped_early { "stopped" } else { "done" },

@@ -38,6 +38,13 @@ pub enum Error {
 
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
+
+    /// The coordinator refused or could not be reached.
+    #[error("coordinator: {0}")]
+    Coordinator(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -136,14 +136,7 @@ fn corrupt_image_in_a_shard_is_skipped_and_counted() {
     let src: Arc<dyn Source> = Arc::new(WebDataset::open(&shard.to_string_lossy()).expect("opens"));
     assert_eq!(src.len(), 7);
     let transform = Transform::new(8, AugmentConfig::default());
-    let plan = Plan {
-        order: (0..7).collect(),
-        batch_size: 3,
-        start_batch: 0,
-        train: true,
-        epoch: 0,
-        seed: 0,
-    };
+    let plan = Plan::chunked((0..7).collect(), 3, true, 0, 0);
     let (mut good, mut skipped, mut reasons) = (0, 0, Vec::new());
     for batch in Loader::start(src, transform, plan, 2, 2) {
         good += batch.len();

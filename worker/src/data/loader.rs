@@ -19,14 +19,13 @@ use tch::{Kind, Tensor};
 use super::augment::Transform;
 use super::{SampleError, Source};
 
-/// What to load: the epoch's sample order, cut into batches.
+/// What to load: samples, cut into batches.
 #[derive(Debug, Clone)]
 pub struct Plan {
     /// Sample indices in the order they are consumed.
     pub order: Vec<usize>,
-    pub batch_size: usize,
-    /// First batch to make (a resumed epoch starts past the batches already trained on).
-    pub start_batch: usize,
+    /// Each batch as a range of `order` (possibly of different sizes, or empty).
+    pub batches: Vec<std::ops::Range<usize>>,
     /// Random augmentation (training) or the deterministic evaluation transform.
     pub train: bool,
     pub epoch: u64,
@@ -34,8 +33,30 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// `order` cut into consecutive batches of `batch_size` (the last may be smaller).
+    pub fn chunked(
+        order: Vec<usize>,
+        batch_size: usize,
+        train: bool,
+        epoch: u64,
+        seed: u64,
+    ) -> Self {
+        let n = order.len();
+        let b = batch_size.max(1);
+        let batches = (0..n.div_ceil(b))
+            .map(|i| i * b..((i + 1) * b).min(n))
+            .collect();
+        Self {
+            order,
+            batches,
+            train,
+            epoch,
+            seed,
+        }
+    }
+
     pub fn num_batches(&self) -> usize {
-        self.order.len().div_ceil(self.batch_size)
+        self.batches.len()
     }
 }
 
@@ -81,8 +102,8 @@ impl std::fmt::Debug for Loader {
 }
 
 fn make_batch(source: &dyn Source, transform: &Transform, plan: &Plan, b: usize) -> Batch {
-    let lo = b * plan.batch_size;
-    let hi = (lo + plan.batch_size).min(plan.order.len());
+    let range = plan.batches[b].clone();
+    let (lo, hi) = (range.start, range.end);
     let per = transform.len();
     let mut pixels = vec![0f32; (hi - lo) * per];
     let mut labels = Vec::with_capacity(hi - lo);
@@ -130,7 +151,7 @@ impl Loader {
         let plan = Arc::new(plan);
         let transform = Arc::new(transform);
         let end = plan.num_batches();
-        let start = plan.start_batch.min(end);
+        let start = 0;
         let mut receivers = Vec::with_capacity(threads);
         let mut handles = Vec::with_capacity(threads);
         for t in 0..threads {

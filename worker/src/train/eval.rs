@@ -33,14 +33,7 @@ pub fn evaluate(
     opts: EvalOptions,
     device: Device,
 ) -> EvalResult {
-    let plan = Plan {
-        order: (0..source.len()).collect(),
-        batch_size: opts.batch_size,
-        start_batch: 0,
-        train: false,
-        epoch: 0,
-        seed: 0,
-    };
+    let plan = Plan::chunked((0..source.len()).collect(), opts.batch_size, false, 0, 0);
     let k = 5.min(source.num_classes().max(1));
     let zeros = || Tensor::zeros([], (Kind::Double, device));
     let (mut correct1, mut correct5, mut loss_sum) = (zeros(), zeros(), zeros());

@@ -62,6 +62,30 @@ impl Optimizer {
         }
     }
 
+    /// Gives every parameter a (zero) gradient, so that every rank all-reduces the same list
+    /// even before its first backward pass.
+    pub fn define_grads(&self) {
+        let zero = self
+            .params
+            .iter()
+            .map(|p| p.tensor.sum(Kind::Float) * 0.0)
+            .fold(
+                Tensor::zeros(
+                    [],
+                    (
+                        Kind::Float,
+                        self.params
+                            .first()
+                            .map_or(tch::Device::Cpu, |p| p.tensor.device()),
+                    ),
+                ),
+                |a, b| a + b,
+            );
+        if zero.requires_grad() {
+            zero.backward();
+        }
+    }
+
     /// The gradients, for clipping and all-reduce.
     pub fn grads(&self) -> Vec<Tensor> {
         self.params

@@ -2,26 +2,54 @@
 //! precision, evaluation, checkpoints, progress and metrics are composed. The distributed
 //! workers run this same loop on every rank.
 //!
-//! Epoch plan: each epoch permutes the training samples with `(seed, epoch)` and trains on the
-//! first `steps_per_epoch x batch x accumulate` of them; the remainder of the permutation (less
-//! than one global batch) is left for that epoch, so every step has the same size. Different
-//! epochs leave out different samples.
+//! Data: each epoch's sample sequence comes from `axial_common::plan` (shards permuted by
+//! `(seed, epoch)`, samples within each by `(seed, epoch, shard)`), consumed front to back in
+//! global steps of `world x batch x accumulate` samples; every sample of every epoch is used
+//! exactly once, the last step of an epoch being smaller (split evenly over the ranks). The
+//! position is the consumed prefix, so a resumed run — on any number of workers — continues
+//! with exactly the unseen samples.
+//!
+//! Distributed: with a [`Distributed`] context, every rank runs this loop on its share of each
+//! step; gradients are all-reduced (each rank weighs its loss by its share of the step's
+//! samples, so the sum is the global mean), running statistics averaged, the attention batch
+//! norms synchronized, and checkpoints voted through the coordinator.
+
+/// Samples per virtual shard of a source without shards of its own.
+pub const SHARD_SIZE: u64 = 1000;
+
+/// What a distributed run reports to, and hears from, the coordinator.
+pub trait Coordination {
+    /// Progress; an error ends the run (the generation was aborted, the job stopped).
+    fn heartbeat(&mut self, step: u64, loss: f64, images_per_second: f64) -> Result<()>;
+    /// This rank's vote for the checkpoint at `pos`; rank 0 passes the folder it wrote and
+    /// its files.
+    fn vote(&mut self, pos: Position, folder: Option<&Path>, files: Vec<FileEntry>) -> Result<()>;
+}
+
+/// The group and the coordinator of a distributed run.
+pub struct Distributed<'a> {
+    pub group: Arc<ProcessGroup>,
+    pub coordination: &'a mut dyn Coordination,
+}
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axial_common::job::Precision;
-use axial_common::{JobConfig, Rng};
+use axial_common::JobConfig;
+use axial_common::job::{Precision, SyncBn};
+use axial_common::plan::{EpochPlan, StepPlan, virtual_shards};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::checkpoint::{self, Position};
+use super::checkpoint::{self, FileEntry, Position};
 use super::eval::{EvalOptions, EvalResult, evaluate};
 use super::optim::{Optimizer, clip_grad_norm};
 use super::schedule::Schedule;
+use crate::collective::ProcessGroup;
+use crate::collective::ddp::{BUCKET_BYTES, allreduce_gradients, average_buffers, broadcast_state};
 use crate::data::augment::Transform;
 use crate::data::loader::{Loader, Plan};
 use crate::data::{self, Source, SplitKind};
@@ -29,12 +57,15 @@ use crate::error::{Error, Result};
 use crate::forward::parse_device;
 use crate::metrics::{Phase, WorkerMetrics};
 use crate::model::Model;
+use crate::model::batch_norm::SyncContext;
 use crate::model::weights::NameTable;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Continue from the newest valid checkpoint in `[checkpoint].dir`.
     pub resume: bool,
+    /// Continue from this committed checkpoint folder (what the coordinator names).
+    pub resume_from: Option<PathBuf>,
     /// Stop (after writing a checkpoint) once this many optimizer steps have been taken in
     /// the run, counting from the start of training.
     pub stop_after_steps: Option<u64>,
@@ -173,8 +204,13 @@ fn data_err(e: data::DataError) -> Error {
     }
 }
 
-/// Trains `job` in this process.
-pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Result<Summary> {
+/// Trains `job` in this process: alone (`dist = None`) or as one rank of a group.
+pub fn run(
+    job: &JobConfig,
+    opts: &RunOptions,
+    metrics: &WorkerMetrics,
+    mut dist: Option<Distributed<'_>>,
+) -> Result<Summary> {
     let start = Instant::now();
     let device = parse_device(&job.train.device).map_err(|message| Error::BadTensor {
         path: PathBuf::from("train.device"),
@@ -192,6 +228,11 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
     if job.train.threads > 0 {
         tch::set_num_threads(job.train.threads);
     }
+    let (rank, world) = dist
+        .as_ref()
+        .map_or((0, 1), |d| (d.group.rank(), d.group.world()));
+    let lead = rank == 0;
+    let quiet = opts.quiet || !lead;
     let seed = job.train.seed;
     let train_src: Arc<dyn Source> =
         Arc::from(data::open(&job.data, SplitKind::Train, seed).map_err(data_err)?);
@@ -211,30 +252,35 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
     }
     let model = Model::new(&job.model, device, seed as i64);
     let names = NameTable::for_variant(job.model.variant);
-    let mut params: Vec<(String, Tensor)> = model
-        .vs
-        .variables()
-        .into_iter()
+    let mut variables: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let params: Vec<(String, Tensor)> = variables
+        .iter()
         .filter(|(_, t)| t.requires_grad())
-        .map(|(n, t)| (names.external(&n), t))
+        .map(|(n, t)| (names.external(n), t.shallow_clone()))
         .collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let buffers: Vec<Tensor> = variables
+        .iter()
+        .filter(|(_, t)| !t.requires_grad())
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
     let mut optimizer = Optimizer::new(&job.optim, params);
 
-    let batch = job.train.batch_size as usize;
+    let batch = job.train.batch_size as u64;
     let accumulate = job.train.accumulate;
-    let global_batch = batch as u64 * accumulate;
-    let steps_per_epoch = train_src.len() as u64 / global_batch;
-    if steps_per_epoch == 0 {
+    let per_rank = batch * accumulate;
+    let global_batch = per_rank * world as u64;
+    if (train_src.len() as u64) < global_batch.min(world as u64 * accumulate) {
         return Err(config_err(
             "train.batch_size",
             &format!(
-                "the training split has {} samples, fewer than one step's {global_batch}",
+                "the training split has {} samples, too few for {world} ranks",
                 train_src.len()
             ),
         ));
     }
-    let schedule = Schedule::new(job, job.peak_lr(global_batch as i64), steps_per_epoch);
+    let shards = virtual_shards(train_src.len() as u64, SHARD_SIZE);
+    let schedule = Schedule::new(job, job.peak_lr(global_batch as i64));
     let size = job.image_size() as u32;
     let transform = Transform::new(size, job.data.augment.clone());
     let ckpt_dir = job.checkpoint.dir.clone();
@@ -257,39 +303,77 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
         good: 0,
     };
     let mut last_checkpoint = None;
-    if opts.resume {
-        match checkpoint::load_latest(&ckpt_dir, job, &model)? {
-            Some(loaded) => {
-                pos = loaded.manifest.position;
-                optimizer
-                    .load_state(pos.step, loaded.optimizer)
-                    .map_err(|message| Error::BadTensor {
-                        path: loaded.dir.join("optimizer.safetensors"),
-                        message,
-                    })?;
-                scale.scale = pos.loss_scale;
-                scale.good = pos.good_steps;
-                if !opts.quiet {
-                    eprintln!(
-                        "resuming from {} (epoch {}, step {})",
-                        loaded.dir.display(),
-                        pos.epoch + 1,
-                        pos.step
-                    );
-                }
-                last_checkpoint = Some(loaded.dir);
-            }
-            None if !opts.quiet => {
-                eprintln!("no checkpoint in {}; starting fresh", ckpt_dir.display())
-            }
-            None => {}
+    let loaded = match (&opts.resume_from, opts.resume) {
+        (Some(folder), _) => {
+            let manifest = checkpoint::verify(folder).map_err(|message| Error::BadTensor {
+                path: folder.clone(),
+                message,
+            })?;
+            Some(checkpoint::load(folder, manifest, job, &model)?)
         }
+        (None, true) => checkpoint::load_latest(&ckpt_dir, job, &model)?,
+        (None, false) => None,
+    };
+    match loaded {
+        Some(loaded) => {
+            pos = loaded.manifest.position;
+            optimizer
+                .load_state(pos.step, loaded.optimizer)
+                .map_err(|message| Error::BadTensor {
+                    path: loaded.dir.join("optimizer.safetensors"),
+                    message,
+                })?;
+            scale.scale = pos.loss_scale;
+            scale.good = pos.good_steps;
+            if !quiet {
+                eprintln!(
+                    "resuming from {} (epoch {}, step {})",
+                    loaded.dir.display(),
+                    pos.epoch + 1,
+                    pos.step
+                );
+            }
+            last_checkpoint = Some(loaded.dir);
+        }
+        None if opts.resume && !quiet => {
+            eprintln!("no checkpoint in {}; starting fresh", ckpt_dir.display())
+        }
+        None => {}
     }
-    if !opts.quiet {
+    let sync = match &dist {
+        Some(d) if world > 1 => {
+            broadcast_state(
+                &d.group,
+                &variables
+                    .iter()
+                    .map(|(_, t)| t.shallow_clone())
+                    .collect::<Vec<_>>(),
+            )?;
+            optimizer.define_grads();
+            let ctx = SyncContext::new(d.group.clone());
+            model.net.set_sync_bn(Some(ctx.clone()), job.train.sync_bn);
+            (job.train.sync_bn != SyncBn::None).then_some(ctx)
+        }
+        _ => None,
+    };
+    let steps_per_epoch = StepPlan {
+        base: 0,
+        world: world as u64,
+        batch: per_rank,
+        len: train_src.len() as u64,
+    }
+    .steps();
+    let total_steps = steps_per_epoch * job.train.epochs;
+    if !quiet {
         eprintln!(
-            "training {} ({} parameters) on {device:?}: {} train / {} val samples, {} epochs x {steps_per_epoch} steps of {global_batch}, peak lr {:.4}",
+            "training {} ({} parameters) on {device:?}{}: {} train / {} val samples, {} epochs x {steps_per_epoch} steps of {global_batch}, peak lr {:.4}",
             job.model.arch.as_deref().unwrap_or("custom model"),
             model.parameter_count(),
+            if world > 1 {
+                format!(" x {world} ranks")
+            } else {
+                String::new()
+            },
             train_src.len(),
             val_src.len(),
             job.train.epochs,
@@ -297,27 +381,12 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
         );
     }
 
-    let total_steps = steps_per_epoch * job.train.epochs;
-    let progress = Progress::new(total_steps, pos.step, opts.quiet);
+    let progress = Progress::new(total_steps, pos.step, quiet);
     let eval_opts = EvalOptions {
         batch_size: job.eval.batch_size.unwrap_or(job.train.batch_size * 2) as usize,
         threads: job.data.loader_threads,
         prefetch: job.data.prefetch,
     };
-    let save = |pos: Position, optimizer: &Optimizer| -> Result<PathBuf> {
-        let t = Instant::now();
-        let dir = checkpoint::save(
-            &ckpt_dir,
-            job,
-            &model,
-            optimizer.state_tensors(),
-            pos,
-            job.checkpoint.keep,
-        )?;
-        metrics.checkpoint_seconds.record(t.elapsed().as_secs_f64());
-        Ok(dir)
-    };
-
     let mut history = Vec::new();
     let mut last_eval = EvalResult::default();
     let mut stopped_early = false;
@@ -330,13 +399,31 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
     'epochs: for epoch in pos.epoch..job.train.epochs {
         let epoch_start = Instant::now();
         metrics.epoch.set(epoch as f64);
-        let mut order: Vec<usize> = (0..train_src.len()).collect();
-        Rng::derive(seed, &[0xE90C, epoch]).shuffle(&mut order);
-        order.truncate((steps_per_epoch * global_batch) as usize);
+        let sequence = EpochPlan::new(&shards, seed, epoch);
+        let len = sequence.len();
+        let steps = StepPlan {
+            base: pos.consumed,
+            world: world as u64,
+            batch: per_rank,
+            len,
+        };
+        // This rank's micro-batches: its share of each step, cut into `accumulate` parts.
+        let mut order = Vec::new();
+        let mut batches = Vec::new();
+        for s in 0..steps.steps() {
+            let (a, b) = steps.range(s, rank as u64);
+            let ids = sequence.samples(a, b);
+            let n = ids.len();
+            for m in 0..accumulate as usize {
+                let lo = order.len() + n * m / accumulate as usize;
+                let hi = order.len() + n * (m + 1) / accumulate as usize;
+                batches.push(lo..hi);
+            }
+            order.extend(ids.iter().map(|&i| i as usize));
+        }
         let plan = Plan {
             order,
-            batch_size: batch,
-            start_batch: pos.batch_in_epoch as usize,
+            batches,
             train: true,
             epoch,
             seed,
@@ -348,23 +435,25 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
             job.data.loader_threads,
             job.data.prefetch,
         );
-        let mut micro = 0u64;
-        if pos.batch_in_epoch == 0 {
+        if pos.consumed == 0 {
             epoch_loss = (Tensor::zeros([], (Kind::Double, device)), 0);
         }
-        loop {
-            let wait = Instant::now();
-            let Some(b) = loader.next() else { break };
-            metrics
-                .phase(Phase::DataWait)
-                .record(wait.elapsed().as_secs_f64());
-            for e in &b.errors {
-                progress.line(&format!("skipped {e}"));
-            }
-            pos.skipped_samples += b.errors.len() as u64;
-            metrics.skipped_samples.increment(b.errors.len() as u64);
-            pos.batch_in_epoch += 1;
-            if !b.is_empty() {
+        for s in 0..steps.steps() {
+            let step_samples = steps.step_samples(s) as f64;
+            for _ in 0..accumulate {
+                let wait = Instant::now();
+                let Some(b) = loader.next() else { break };
+                metrics
+                    .phase(Phase::DataWait)
+                    .record(wait.elapsed().as_secs_f64());
+                for e in &b.errors {
+                    progress.line(&format!("skipped {e}"));
+                }
+                pos.skipped_samples += b.errors.len() as u64;
+                metrics.skipped_samples.increment(b.errors.len() as u64);
+                if b.is_empty() {
+                    continue;
+                }
                 let t = Instant::now();
                 let images = b.images.to_device(device);
                 let labels = b.labels.to_device(device);
@@ -374,7 +463,9 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
                     .phase(Phase::Forward)
                     .record(t.elapsed().as_secs_f64());
                 let t = Instant::now();
-                (&loss * (scale.scale / accumulate as f64)).backward();
+                // Weighted by this micro-batch's share of the global step: the sum over ranks
+                // and micro-batches is the mean over the step's samples.
+                (&loss * (scale.scale * b.len() as f64 / step_samples)).f_backward()?;
                 metrics
                     .phase(Phase::Backward)
                     .record(t.elapsed().as_secs_f64());
@@ -383,17 +474,23 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
                 running_n += 1;
                 epoch_loss.0 += detached.to_kind(Kind::Double);
                 epoch_loss.1 += 1;
-                pos.samples_seen += b.len() as u64;
                 metrics.samples.increment(b.len() as u64);
-            }
-            micro += 1;
-            if !micro.is_multiple_of(accumulate) {
-                continue;
             }
             // Optimizer step.
             let t = Instant::now();
-            let lr = schedule.lr(pos.step);
+            let before = epoch as f64 + pos.consumed as f64 / len as f64;
+            pos.consumed = steps.prefix_after(s + 1);
+            pos.samples_seen += steps.step_samples(s);
+            let lr = schedule.lr(before, epoch as f64 + pos.consumed as f64 / len as f64);
             let grads = optimizer.grads();
+            if let Some(d) = &dist {
+                allreduce_gradients(&d.group, &grads, BUCKET_BYTES)?;
+            }
+            if let Some(ctx) = &sync
+                && let Some(e) = ctx.take_error()
+            {
+                return Err(e.into());
+            }
             if scale.unscale_and_check(&grads) {
                 if job.train.clip_grad_norm > 0.0 {
                     let _norm = clip_grad_norm(&grads, job.train.clip_grad_norm);
@@ -407,6 +504,9 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
                 ));
             }
             optimizer.zero_grad();
+            if let Some(d) = &dist {
+                average_buffers(&d.group, &buffers)?;
+            }
             metrics
                 .phase(Phase::Optimizer)
                 .record(t.elapsed().as_secs_f64());
@@ -426,6 +526,9 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
                 window = (Instant::now(), pos.samples_seen);
                 metrics.loss.set(loss);
                 metrics.images_per_second.set(ips);
+                if let Some(d) = dist.as_mut() {
+                    d.coordination.heartbeat(pos.step, loss, ips)?;
+                }
                 message = Some(format!(
                     "epoch {}/{}  loss {loss:.4}  lr {lr:.5}  {ips:.0} img/s",
                     epoch + 1,
@@ -433,12 +536,14 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
                 ));
             }
             progress.step(pos.step, message);
-            let stop = opts.stop_after_steps.is_some_and(|s| pos.step >= s);
+            let end_of_epoch = s + 1 == steps.steps();
+            let stop = opts.stop_after_steps.is_some_and(|n| pos.step >= n);
             let periodic = job.checkpoint.every_steps > 0
                 && pos.step.is_multiple_of(job.checkpoint.every_steps);
-            let end_of_epoch = loader.remaining() == 0;
             if (periodic || stop) && !end_of_epoch {
-                last_checkpoint = Some(save(pos, &optimizer)?);
+                last_checkpoint =
+                    save_checkpoint(job, &model, &optimizer, pos, rank, dist.as_mut(), metrics)?
+                        .or(last_checkpoint);
             }
             if stop && !end_of_epoch {
                 stopped_early = true;
@@ -446,12 +551,12 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
             }
         }
         drop(loader);
-        // End of the epoch: evaluate, then checkpoint at the start of the next epoch.
+        // End of the epoch: evaluate (rank 0), then checkpoint at the start of the next epoch.
         pos.epoch = epoch + 1;
-        pos.batch_in_epoch = 0;
+        pos.consumed = 0;
         let train_loss = epoch_loss.0.double_value(&[]) / epoch_loss.1.max(1) as f64;
         let last = epoch + 1 == job.train.epochs;
-        if (epoch + 1).is_multiple_of(job.eval.every_epochs) || last {
+        if lead && ((epoch + 1).is_multiple_of(job.eval.every_epochs) || last) {
             last_eval = evaluate(
                 &model.net,
                 val_src.clone(),
@@ -482,8 +587,10 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
             val_loss: last_eval.loss,
             seconds: epoch_start.elapsed().as_secs_f64(),
         });
-        last_checkpoint = Some(save(pos, &optimizer)?);
-        if opts.stop_after_steps.is_some_and(|s| pos.step >= s) && !last {
+        last_checkpoint =
+            save_checkpoint(job, &model, &optimizer, pos, rank, dist.as_mut(), metrics)?
+                .or(last_checkpoint);
+        if opts.stop_after_steps.is_some_and(|n| pos.step >= n) && !last {
             stopped_early = true;
             break;
         }
@@ -506,11 +613,51 @@ pub fn run(job: &JobConfig, opts: &RunOptions, metrics: &WorkerMetrics) -> Resul
         checkpoint: last_checkpoint,
         history,
     };
-    let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
-    let path = ckpt_dir.join("summary.json");
-    crate::data::manifest::write_atomic(&path, json.as_bytes())
-        .map_err(|source| Error::Write { path, source })?;
+    if lead {
+        let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
+        let path = ckpt_dir.join("summary.json");
+        axial_common::checkpoint::write_atomic(&path, json.as_bytes())
+            .map_err(|source| Error::Write { path, source })?;
+    }
     Ok(summary)
+}
+
+/// Writes the checkpoint at `pos`: alone, rank 0 writes and commits it; in a group, rank 0
+/// writes the files and every rank votes (the coordinator commits).
+fn save_checkpoint(
+    job: &JobConfig,
+    model: &Model,
+    optimizer: &Optimizer,
+    pos: Position,
+    rank: usize,
+    dist: Option<&mut Distributed<'_>>,
+    metrics: &WorkerMetrics,
+) -> Result<Option<PathBuf>> {
+    let t = Instant::now();
+    let dir = &job.checkpoint.dir;
+    let folder = match dist {
+        None => Some(checkpoint::save(
+            dir,
+            job,
+            model,
+            optimizer.state_tensors(),
+            pos,
+            job.checkpoint.keep,
+        )?),
+        Some(d) => {
+            let (folder, files) = if rank == 0 {
+                let (folder, files) =
+                    checkpoint::write_files(dir, job, model, optimizer.state_tensors(), pos)?;
+                (Some(folder), files)
+            } else {
+                (None, Vec::new())
+            };
+            d.coordination.vote(pos, folder.as_deref(), files)?;
+            folder
+        }
+    };
+    metrics.checkpoint_seconds.record(t.elapsed().as_secs_f64());
+    Ok(folder)
 }
 
 fn config_err(key: &str, message: &str) -> Error {
