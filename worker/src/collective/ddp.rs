@@ -120,6 +120,6 @@ mod tests {
             .iter()
             .map(|bk| bk.iter().map(|t| t.size()[0]).collect())
             .collect();
-        assert_eq!(sizes, vec![vec![500], vec![400, 300], vec![200, 100]]);
+        assert_eq!(sizes, vec![vec![500], vec![400], vec![300, 200, 100]]);
     }
 }
