@@ -4,11 +4,16 @@
 //! - [`membership::Membership`]: rendezvous, ranks, generations, lost and restarted workers.
 //! - [`barrier::Barrier`]: the two-phase checkpoint (request, votes, commit or abandon).
 //! - [`auth`]: the job token.
+//! - [`job::JobState`]: the job's state, composing the above with the collective's store
+//!   address and the committed checkpoint (the durable state is the checkpoints on disk).
+//! - [`service`]: the gRPC service over `JobState` (tonic), behind a token interceptor.
+//! - [`launch`]: serving, and the local launcher (coordinator + N worker processes).
 //!
 //! The data plan and the sample ledger are in `axial_common::plan` (workers use them too).
-//! Still to come (see the coordinator issue): the gRPC service over these, persistence of the
-//! coordinator's own state, the HTTP status API and metrics, and the local launcher.
 
 pub mod auth;
 pub mod barrier;
+pub mod job;
+pub mod launch;
 pub mod membership;
+pub mod service;

@@ -286,6 +286,14 @@ impl Membership {
         }
     }
 
+    /// The running assignment of `worker`, if it is a member of the running group.
+    pub fn assignment_of(&self, worker: &str) -> Option<Assignment> {
+        match self.assignment(worker) {
+            JoinReply::Assigned(a) => Some(a),
+            JoinReply::Wait => None,
+        }
+    }
+
     /// Whether `generation` is the running one (for checkpoint votes and leases).
     pub fn is_current(&self, generation: u64) -> bool {
         self.phase == Phase::Running && generation == self.generation

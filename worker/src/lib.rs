@@ -18,6 +18,7 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod join;
 pub mod metrics;
 pub mod model;
 pub mod train;

@@ -16,6 +16,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Join a distributed job as one rank (started by `axial-coordinator launch`, or on a cluster).
+    Join(axial_worker::join::JoinArgs),
     /// Train a job file in this process (one worker).
     Train(axial_worker::commands::TrainArgs),
     /// Print the top-5 classes of images, from a checkpoint.
@@ -31,6 +33,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Join(args) => axial_worker::join::join(&args),
         Command::Train(args) => axial_worker::commands::train(&args),
         Command::Predict(args) => axial_worker::commands::predict(&args),
         Command::Prepare(args) => axial_worker::commands::prepare(&args),

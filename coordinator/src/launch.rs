@@ -1,0 +1,209 @@
+//! Serving a job, and launching one on this machine: the coordinator in-process plus N worker
+//! processes, their log lines prefixed by worker, a crashed worker reported (and the job
+//! stopped), the coordinator stopping once every worker has finished.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axial_common::JobConfig;
+use axial_proto::v1::coordinator_server::CoordinatorServer;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::job::JobState;
+use crate::membership::MembershipConfig;
+use crate::service::{Service, authenticate};
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub token: String,
+    pub members: MembershipConfig,
+    pub resume: bool,
+}
+
+/// Serves the job until every worker has finished (or Ctrl-C). `ready` receives the bound
+/// address.
+pub async fn serve(
+    job: JobConfig,
+    opts: ServeOptions,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("listen on {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let state = JobState::new(job, opts.members, opts.resume);
+    if let Some(c) = state.committed() {
+        eprintln!(
+            "coordinator: resuming from {} (step {})",
+            c.folder.display(),
+            c.position.step
+        );
+    }
+    let service = Service::new(state);
+    let ticker = service.clone();
+    let done = async move {
+        let mut printed = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = ticker.now();
+            let mut state = ticker.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.tick(now);
+            for line in &state.log[printed..] {
+                eprintln!("coordinator: {line}");
+            }
+            printed = state.log.len();
+            if state.done() {
+                break;
+            }
+        }
+    };
+    if let Some(tx) = ready {
+        let _ = tx.send(addr);
+    }
+    eprintln!("coordinator: listening on {addr}");
+    let shutdown = async move {
+        tokio::select! {
+            () = done => {}
+            _ = tokio::signal::ctrl_c() => eprintln!("coordinator: interrupted"),
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(CoordinatorServer::with_interceptor(
+            service,
+            authenticate(opts.token),
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Writes the job token to `path`, readable by the owner only.
+pub fn write_token(path: &Path, token: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, token.as_bytes())?;
+    Ok(())
+}
+
+fn forward_lines(name: String, stream: impl std::io::Read + Send + 'static, to_stderr: bool) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if to_stderr {
+                eprintln!("[{name}] {line}");
+            } else {
+                println!("[{name}] {line}");
+            }
+        }
+    });
+}
+
+/// `axial-coordinator launch`: a coordinator and `workers` local worker processes.
+pub fn launch(
+    job_path: &Path,
+    workers: usize,
+    worker_bin: &Path,
+    resume: bool,
+) -> anyhow::Result<()> {
+    if workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let job = JobConfig::load(job_path)?;
+    let token = crate::auth::generate().context("generate the job token")?;
+    let token_file = job.checkpoint.dir.join(".job-token");
+    write_token(&token_file, &token).with_context(|| format!("write {}", token_file.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let opts = ServeOptions {
+        listen: "127.0.0.1:0".parse()?,
+        token,
+        members: MembershipConfig {
+            min: workers,
+            max: workers,
+            settle_ms: 1000,
+            timeout_ms: 60_000,
+        },
+        resume,
+    };
+    let server = rt.spawn(serve(job, opts, Some(tx)));
+    let addr = rt.block_on(rx).context("the coordinator did not start")?;
+    let mut children: Vec<(String, Child)> = Vec::new();
+    for i in 0..workers {
+        let name = format!("w{i}");
+        let mut child = Command::new(worker_bin)
+            .args([
+                "join",
+                "--coordinator",
+                &format!("http://{addr}"),
+                "--worker-id",
+                &name,
+                "--token-file",
+            ])
+            .arg(&token_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {}", worker_bin.display()))?;
+        if let Some(out) = child.stdout.take() {
+            forward_lines(name.clone(), out, false);
+        }
+        if let Some(err) = child.stderr.take() {
+            forward_lines(name.clone(), err, true);
+        }
+        children.push((name, child));
+    }
+    let mut failed = None;
+    while !children.is_empty() {
+        let mut i = 0;
+        while i < children.len() {
+            match children[i].1.try_wait()? {
+                Some(status) => {
+                    let (name, _) = children.remove(i);
+                    if !status.success() && failed.is_none() {
+                        eprintln!("launch: worker {name} exited with {status}; stopping the job");
+                        failed = Some(format!("worker {name} exited with {status}"));
+                        for (_, c) in &mut children {
+                            let _ = c.kill();
+                        }
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Some(f) = failed {
+        server.abort();
+        bail!(f);
+    }
+    rt.block_on(async {
+        match tokio::time::timeout(Duration::from_secs(10), server).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Ok(()),
+        }
+    })
+}
+
+/// The worker binary beside this one (target/<profile>/ in a checkout, or an install dir).
+pub fn default_worker_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("axial-worker")))
+        .unwrap_or_else(|| PathBuf::from("axial-worker"))
+}
