@@ -66,7 +66,7 @@ struct Session {
 }
 
 fn rpc_err(e: tonic::Status) -> Error {
-    Error::Coordinator(format!("{}: {}", e.code(), e.message()))
+    Error::Coordinator(format!("{:?}: {}", e.code(), e.message()))
 }
 
 impl Session {

@@ -598,6 +598,12 @@ pub fn run(
     if let Some(bar) = &progress.bar {
         bar.finish_and_clear();
     }
+    if world > 1 {
+        let fingerprint = replica_fingerprint(&model, &optimizer, &ckpt_dir, rank)?;
+        if !quiet || rank > 0 {
+            eprintln!("rank {rank}: replica fingerprint {fingerprint}");
+        }
+    }
     let wall = start.elapsed().as_secs_f64();
     let summary = Summary {
         val_top1: last_eval.top1,
@@ -620,6 +626,30 @@ pub fn run(
             .map_err(|source| Error::Write { path, source })?;
     }
     Ok(summary)
+}
+
+/// SHA-256 of this rank's whole state (weights, buffers, optimizer state, in name order),
+/// also written to `<checkpoint dir>/replica-<rank>.sha256`: equal on every rank when the
+/// replicas are identical, which data-parallel training must keep them.
+fn replica_fingerprint(
+    model: &Model,
+    optimizer: &Optimizer,
+    dir: &Path,
+    rank: usize,
+) -> Result<String> {
+    let mut state = model.state_dict();
+    state.extend(optimizer.state_tensors());
+    let tmp = dir.join(format!(".replica-{rank}.safetensors"));
+    crate::model::weights::write_tensors_atomic(&tmp, &state)?;
+    let hash = axial_common::checkpoint::sha256_file(&tmp).map_err(|source| Error::Write {
+        path: tmp.clone(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(&tmp);
+    let path = dir.join(format!("replica-{rank}.sha256"));
+    axial_common::checkpoint::write_atomic(&path, hash.as_bytes())
+        .map_err(|source| Error::Write { path, source })?;
+    Ok(hash)
 }
 
 /// Writes the checkpoint at `pos`: alone, rank 0 writes and commits it; in a group, rank 0
