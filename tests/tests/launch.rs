@@ -108,6 +108,7 @@ fn a_worker_with_a_wrong_token_is_refused() {
         ])
         .arg(tmp.path().join("wrong")));
     let _ = server.kill();
+    let _ = server.wait();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
