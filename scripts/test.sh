@@ -21,5 +21,7 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo build (every binary: the end-to-end tests run them)"
+cargo build --workspace --bins --locked
 step "cargo test"
 cargo test --workspace --locked

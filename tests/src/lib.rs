@@ -1,8 +1,8 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: they run the real binaries, each test in
 //! its own temp dir, and check what a user would check.
 //!
-//! The binaries are found beside the test executable (`target/<profile>/`), where
-//! `cargo test --workspace` builds them before any test runs.
+//! The binaries are found beside the test executable (`target/<profile>/`); `scripts/test.sh`
+//! builds them (`cargo build --workspace --bins`) before running the tests.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -15,7 +15,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built; run the tests with `cargo test --workspace` (it builds every binary first)",
+        "{} is not built; run `cargo build --workspace --bins` first (scripts/test.sh does)",
         path.display()
     );
     path
