@@ -17,7 +17,7 @@ fn validate_prints_the_resolved_job_or_names_the_bad_key() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("is valid")
-            && stdout.contains("weight_decay = 8e-5")
+            && stdout.contains("weight_decay = 0.00008")
             && stdout.contains("[schedule]"),
         "{stdout}"
     );
