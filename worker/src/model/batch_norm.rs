@@ -139,8 +139,8 @@ impl BatchNorm {
         let y = (&x - mean.view(shape.as_slice())) * scale.view(shape.as_slice())
             + self.bias.view(shape.as_slice());
         tch::no_grad(|| {
-            let total = n.double_value(&[0]);
-            let unbiased = &var * (total / (total - 1.0).max(1.0));
+            // n / (n - 1) as a tensor: no host sync per norm per step.
+            let unbiased = &var * (&n / (&n - 1.0).clamp_min(1.0));
             let _ = self
                 .running_mean
                 .shallow_clone()
