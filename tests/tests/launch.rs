@@ -125,3 +125,79 @@ fn a_worker_with_a_wrong_token_is_refused() {
         "the refusal is logged: {logged:?}"
     );
 }
+
+/// Starts a launch, waits until the coordinator has committed the checkpoint at `step`, then
+/// kills the launcher (the job stops mid-epoch; its workers lose the coordinator and exit).
+fn launch_and_kill_after(dir: &Path, workers: usize, step: u64) {
+    std::fs::write(dir.join("job.toml"), JOB).expect("write");
+    let mut child = Command::new(bin("axial-coordinator"))
+        .args(["launch", "--workers", &workers.to_string()])
+        .arg("--worker-bin")
+        .arg(bin("axial-worker"))
+        .arg(dir.join("job.toml"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("launch");
+    let stderr = child.stderr.take().expect("stderr");
+    let needle = format!("ckpt-{step:010} (step {step},");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+        if line.contains(&needle) {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // The orphaned workers fail at their next heartbeat or collective.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+}
+
+fn final_manifest(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("ckpt/ckpt-0000000026/manifest.json"))
+        .or_else(|_| {
+            // Another world size cuts the epochs into other steps: take the newest.
+            let mut v: Vec<_> = std::fs::read_dir(dir.join("ckpt"))
+                .expect("ckpt")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("manifest.json").exists())
+                .collect();
+            v.sort();
+            std::fs::read_to_string(v.pop().expect("a checkpoint").join("manifest.json"))
+        })
+        .expect("manifest");
+    serde_json::from_str(&text).expect("json")
+}
+
+/// The whole job is stopped mid-epoch and resumed on another number of workers (2 -> 1 and
+/// 1 -> 2): the committed ledger continues exactly, so the job ends having consumed every
+/// sample of both epochs once (2 x 200) and no more.
+#[test]
+fn stopped_job_resumes_on_another_number_of_workers() {
+    for (first, second) in [(2usize, 1usize), (1, 2)] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        launch_and_kill_after(tmp.path(), first, 10);
+        let out = launch(tmp.path(), second, &["--resume"]);
+        assert!(
+            out.status.success(),
+            "{first} -> {second}: resumed launch failed"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("resuming from"),
+            "{first} -> {second}: {stderr}"
+        );
+        let m = final_manifest(tmp.path());
+        println!("{first} -> {second}: final position {}", m["position"]);
+        assert_eq!(m["world"].as_u64(), Some(second as u64));
+        assert_eq!(
+            m["position"]["epoch"].as_u64(),
+            Some(2),
+            "{first} -> {second}"
+        );
+        assert_eq!(m["position"]["consumed"].as_u64(), Some(0));
+        assert_eq!(
+            m["position"]["samples_seen"].as_u64(),
+            Some(400),
+            "{first} -> {second}: every sample once per epoch"
+        );
+    }
+}
