@@ -59,6 +59,11 @@ pub struct JobState {
     pending_folder: Option<(PathBuf, Vec<FileEntry>, Position)>,
     finished: BTreeSet<String>,
     vote_timeout_ms: u64,
+    /// Last heartbeat per worker: (step, loss, images/s, at).
+    progress: std::collections::BTreeMap<String, (u64, f64, f64, u64)>,
+    /// Time of the last commit and how long its barrier took (ms).
+    last_commit: Option<(u64, u64)>,
+    barrier_started: Option<u64>,
     pub log: Vec<String>,
 }
 
@@ -88,6 +93,9 @@ impl JobState {
             pending_folder: None,
             finished: BTreeSet::new(),
             vote_timeout_ms: 120_000,
+            progress: std::collections::BTreeMap::new(),
+            last_commit: None,
+            barrier_started: None,
             log,
         }
     }
@@ -173,6 +181,72 @@ impl JobState {
         self.membership.heartbeat(worker, generation, now)
     }
 
+    /// Records what a heartbeat said about progress.
+    pub fn record_progress(
+        &mut self,
+        worker: &str,
+        step: u64,
+        loss: f64,
+        images_per_second: f64,
+        now: u64,
+    ) {
+        self.progress
+            .insert(worker.to_owned(), (step, loss, images_per_second, now));
+    }
+
+    /// A snapshot for `/api/status` and `/metrics`.
+    pub fn status(&self, now: u64) -> Status {
+        let workers = self
+            .membership
+            .workers()
+            .into_iter()
+            .map(|(id, rank, last_seen, standby)| {
+                let (step, loss, ips, _) = self.progress.get(&id).copied().unwrap_or_default();
+                WorkerStatus {
+                    state: if standby {
+                        "standby"
+                    } else if rank.is_some() {
+                        "running"
+                    } else {
+                        "joining"
+                    },
+                    id,
+                    rank,
+                    since_heartbeat_ms: now.saturating_sub(last_seen),
+                    step,
+                    loss,
+                    images_per_second: ips,
+                }
+            })
+            .collect::<Vec<_>>();
+        let lead = workers.iter().find(|w| w.rank == Some(0));
+        Status {
+            job: self
+                .job
+                .model
+                .arch
+                .clone()
+                .unwrap_or_else(|| "custom".into()),
+            epochs: self.job.train.epochs,
+            generation: self.membership.generation(),
+            world: self.membership.world(),
+            global_step: workers.iter().map(|w| w.step).max().unwrap_or(0),
+            images_per_second: lead.map_or(0.0, |w| w.images_per_second),
+            committed: self.committed.as_ref().map(|c| CommittedStatus {
+                folder: c.folder.display().to_string(),
+                step: c.position.step,
+                epoch: c.position.epoch,
+                consumed: c.position.consumed,
+                samples_seen: c.position.samples_seen,
+                age_ms: self.last_commit.map(|(at, _)| now.saturating_sub(at)),
+            }),
+            checkpoint_ms: self.last_commit.map(|(_, took)| took),
+            pending_checkpoint: self.barrier.pending_step(),
+            workers,
+            events: self.log.iter().rev().take(20).rev().cloned().collect(),
+        }
+    }
+
     /// A rank's vote for the checkpoint at `pos.step`; commits when every rank has voted.
     pub fn vote(
         &mut self,
@@ -192,6 +266,9 @@ impl JobState {
                     self.membership.generation()
                 ),
             };
+        }
+        if self.barrier.pending_step() != Some(pos.step) {
+            self.barrier_started = Some(now);
         }
         if self.barrier.pending_step() != Some(pos.step)
             && let Err(e) = self.barrier.request(
@@ -230,11 +307,15 @@ impl JobState {
                 reason,
             },
             VoteOutcome::Complete(_) => match self.commit() {
-                Ok(()) => VoteResult {
-                    accepted: true,
-                    committed: true,
-                    reason: String::new(),
-                },
+                Ok(()) => {
+                    self.last_commit =
+                        Some((now, now.saturating_sub(self.barrier_started.unwrap_or(now))));
+                    VoteResult {
+                        accepted: true,
+                        committed: true,
+                        reason: String::new(),
+                    }
+                }
                 Err(reason) => VoteResult {
                     accepted: true,
                     committed: false,
@@ -295,5 +376,192 @@ impl JobState {
                 a.step, a.missing_ranks
             ));
         }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerStatus {
+    pub id: String,
+    pub state: &'static str,
+    pub rank: Option<usize>,
+    pub since_heartbeat_ms: u64,
+    pub step: u64,
+    pub loss: f64,
+    pub images_per_second: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CommittedStatus {
+    pub folder: String,
+    pub step: u64,
+    pub epoch: u64,
+    pub consumed: u64,
+    pub samples_seen: u64,
+    pub age_ms: Option<u64>,
+}
+
+/// What `/api/status` returns.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub job: String,
+    pub epochs: u64,
+    pub generation: u64,
+    pub world: usize,
+    pub global_step: u64,
+    pub images_per_second: f64,
+    pub committed: Option<CommittedStatus>,
+    pub checkpoint_ms: Option<u64>,
+    pub pending_checkpoint: Option<u64>,
+    pub workers: Vec<WorkerStatus>,
+    pub events: Vec<String>,
+}
+
+impl Status {
+    /// Prometheus exposition text, `axial_coordinator_*`.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, lines: Vec<(String, f64)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            for (labels, v) in lines {
+                out.push_str(&format!("{name}{labels} {v}\n"));
+            }
+        };
+        let by_state = ["running", "joining", "standby"]
+            .iter()
+            .map(|s| {
+                (
+                    format!("{{state=\"{s}\"}}"),
+                    self.workers.iter().filter(|w| w.state == *s).count() as f64,
+                )
+            })
+            .collect();
+        gauge("axial_coordinator_workers", "Workers by state.", by_state);
+        gauge(
+            "axial_coordinator_generation",
+            "Current generation (changes with every membership change).",
+            vec![(String::new(), self.generation as f64)],
+        );
+        gauge(
+            "axial_coordinator_world_size",
+            "Ranks in the running group.",
+            vec![(String::new(), self.world as f64)],
+        );
+        gauge(
+            "axial_coordinator_global_step",
+            "Highest optimizer step reported by a worker.",
+            vec![(String::new(), self.global_step as f64)],
+        );
+        gauge(
+            "axial_coordinator_samples_per_second",
+            "Training samples per second (all ranks), as rank 0 reports it.",
+            vec![(String::new(), self.images_per_second)],
+        );
+        if let Some(c) = &self.committed {
+            gauge(
+                "axial_coordinator_committed_step",
+                "Step of the newest committed checkpoint.",
+                vec![(String::new(), c.step as f64)],
+            );
+            if let Some(age) = c.age_ms {
+                gauge(
+                    "axial_coordinator_checkpoint_age_seconds",
+                    "Seconds since the newest checkpoint was committed.",
+                    vec![(String::new(), age as f64 / 1e3)],
+                );
+            }
+        }
+        if let Some(ms) = self.checkpoint_ms {
+            gauge(
+                "axial_coordinator_checkpoint_duration_seconds",
+                "From the first to the last vote of the newest checkpoint.",
+                vec![(String::new(), ms as f64 / 1e3)],
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(dir: &std::path::Path) -> JobConfig {
+        let text = format!(
+            "[model]\narch = \"axial26s\"\nnum_classes = 10\n[data]\nformat = \"builtin\"\ntrain = 100\nval = 10\nimage_size = 32\n[checkpoint]\ndir = \"{}\"\n",
+            dir.display()
+        );
+        JobConfig::parse(&text, "test", std::path::Path::new("/")).expect("job")
+    }
+
+    /// Two ranks vote; the coordinator commits the manifest, and status and metrics show it.
+    #[test]
+    fn votes_commit_and_status_reports() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let members = MembershipConfig {
+            min: 2,
+            max: 2,
+            settle_ms: 100,
+            timeout_ms: 10_000,
+        };
+        let mut s = JobState::new(job(tmp.path()), members, false);
+        s.join("a", 1, 0);
+        let Join::Assigned { assignment, .. } = s.join("b", 1, 0) else {
+            panic!("group")
+        };
+        assert_eq!(assignment.world, 2);
+        let g = assignment.generation;
+        s.publish_store("a", g, "127.0.0.1", 4000).expect("store");
+        assert!(
+            s.publish_store("a", g + 7, "127.0.0.1", 4000).is_err(),
+            "stale generation"
+        );
+        s.record_progress("a", 12, 1.5, 300.0, 10);
+        let folder = tmp.path().join("ckpt-0000000012");
+        std::fs::create_dir_all(&folder).expect("mkdir");
+        std::fs::write(folder.join("model.safetensors"), b"weights").expect("write");
+        let files =
+            axial_common::checkpoint::describe(&folder, &["model.safetensors"]).expect("describe");
+        let pos = Position {
+            step: 12,
+            consumed: 96,
+            samples_seen: 96,
+            loss_scale: 1.0,
+            ..Position::default()
+        };
+        let ra = s.rank_of("a").expect("rank");
+        let rb = s.rank_of("b").expect("rank");
+        let first = s.vote(ra, g, pos, Some(folder.clone()), files, 20);
+        assert!(first.accepted && !first.committed);
+        assert!(
+            !folder.join("manifest.json").exists(),
+            "not committed before every rank voted"
+        );
+        let stale = s.vote(rb, g + 1, pos, None, Vec::new(), 25);
+        assert!(!stale.accepted);
+        let last = s.vote(rb, g, pos, None, Vec::new(), 30);
+        assert!(last.committed, "{last:?}");
+        let manifest = axial_common::checkpoint::verify(&folder).expect("committed and verified");
+        assert_eq!(
+            (manifest.step, manifest.world, manifest.position.consumed),
+            (12, 2, 96)
+        );
+
+        let status = s.status(1030);
+        assert_eq!(status.world, 2);
+        assert_eq!(status.global_step, 12);
+        let committed = status.committed.as_ref().expect("committed");
+        assert_eq!((committed.step, committed.age_ms), (12, Some(1000)));
+        let text = status.prometheus();
+        for needle in [
+            "axial_coordinator_workers{state=\"running\"} 2",
+            "axial_coordinator_generation",
+            "axial_coordinator_committed_step 12",
+            "axial_coordinator_checkpoint_age_seconds 1",
+            "# HELP axial_coordinator_global_step",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+        let json = serde_json::to_string(&status).expect("json");
+        assert!(json.contains("\"workers\"") && json.contains("\"events\""));
     }
 }

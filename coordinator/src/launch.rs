@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub token: String,
     pub members: MembershipConfig,
     pub resume: bool,
+    /// Where to serve `/metrics` and `/api/status` (None: off).
+    pub http: Option<SocketAddr>,
 }
 
 /// Serves the job until every worker has finished (or Ctrl-C). `ready` receives the bound
@@ -45,6 +47,14 @@ pub async fn serve(
         );
     }
     let service = Service::new(state);
+    if let Some(http) = opts.http {
+        let bound = crate::http::serve(http, service.clone())
+            .await
+            .with_context(|| format!("HTTP on {http}"))?;
+        eprintln!(
+            "coordinator: status on http://{bound}/api/status, metrics on http://{bound}/metrics"
+        );
+    }
     let ticker = service.clone();
     let done = async move {
         let mut printed = 0;
@@ -139,6 +149,7 @@ pub fn launch(
             timeout_ms: 60_000,
         },
         resume,
+        http: Some("127.0.0.1:0".parse()?),
     };
     let server = rt.spawn(serve(job, opts, Some(tx)));
     let addr = rt.block_on(rx).context("the coordinator did not start")?;

@@ -7,12 +7,14 @@
 //! - [`job::JobState`]: the job's state, composing the above with the collective's store
 //!   address and the committed checkpoint (the durable state is the checkpoints on disk).
 //! - [`service`]: the gRPC service over `JobState` (tonic), behind a token interceptor.
+//! - [`http`]: `/metrics` and `/api/status`.
 //! - [`launch`]: serving, and the local launcher (coordinator + N worker processes).
 //!
 //! The data plan and the sample ledger are in `axial_common::plan` (workers use them too).
 
 pub mod auth;
 pub mod barrier;
+pub mod http;
 pub mod job;
 pub mod launch;
 pub mod membership;

@@ -49,6 +49,9 @@ enum Command {
         min: Option<usize>,
         #[arg(long)]
         resume: bool,
+        /// Serve /metrics and /api/status here.
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        http: std::net::SocketAddr,
     },
     /// Check a job file and print it resolved (every default filled in).
     Validate {
@@ -78,7 +81,8 @@ fn main() {
             workers,
             min,
             resume,
-        } => serve_cmd(&job, listen, &token_file, workers, min, resume),
+            http,
+        } => serve_cmd(&job, listen, &token_file, workers, min, resume, http),
         Command::Validate { job } => axial_common::JobConfig::load(&job)
             .map(|j| {
                 println!("# {} is valid; resolved:", job.display());
@@ -99,6 +103,7 @@ fn serve_cmd(
     workers: usize,
     min: Option<usize>,
     resume: bool,
+    http: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
     let config = axial_common::JobConfig::load(job)?;
     let token = match std::fs::read_to_string(token_file) {
@@ -124,6 +129,7 @@ fn serve_cmd(
             timeout_ms: 60_000,
         },
         resume,
+        http: Some(http),
     };
     let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
     rt.block_on(serve(config, opts, None))

@@ -286,6 +286,19 @@ impl Membership {
         }
     }
 
+    /// Members and standbys: (id, rank if running, last seen, standby).
+    pub fn workers(&self) -> Vec<(String, Option<usize>, u64, bool)> {
+        let members = self
+            .members
+            .iter()
+            .map(|(id, m)| (id.clone(), m.rank, m.last_seen, false));
+        let standby = self
+            .standby
+            .iter()
+            .map(|(id, m)| (id.clone(), None, m.last_seen, true));
+        members.chain(standby).collect()
+    }
+
     /// The running assignment of `worker`, if it is a member of the running group.
     pub fn assignment_of(&self, worker: &str) -> Option<Assignment> {
         match self.assignment(worker) {

@@ -114,7 +114,12 @@ impl Coordinator for Service {
     ) -> Result<Response<HeartbeatReply>, Status> {
         let r = request.into_inner();
         let now = self.now();
-        let reply = match self.lock().heartbeat(&r.worker_id, r.generation, now) {
+        let mut state = self.lock();
+        let reply = state.heartbeat(&r.worker_id, r.generation, now);
+        if matches!(reply, Hb::Ok) {
+            state.record_progress(&r.worker_id, r.step, r.loss, r.images_per_second, now);
+        }
+        let reply = match reply {
             Hb::Ok => HeartbeatReply::default(),
             Hb::Abort { .. } => HeartbeatReply {
                 abort: true,
