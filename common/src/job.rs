@@ -387,7 +387,10 @@ impl JobConfig {
             origin: origin.clone(),
             message: e.to_string(),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Relative paths in the file are relative to its folder, made absolute here so that the
+        // resolved job means the same to a worker started in another directory.
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        let base = absolute.parent().unwrap_or(Path::new("/"));
         Self::parse(&text, &origin, base)
     }
 
