@@ -15,7 +15,7 @@ use axial_common::ModelConfig;
 use axial_worker::collective::ddp::{BUCKET_BYTES, allreduce_gradients, buckets};
 use axial_worker::collective::{ProcessGroup, Store};
 use axial_worker::model::Model;
-use axial_worker::train::{sgd, train_step};
+use axial_worker::train::{recipe_sgd, train_step};
 use tch::{Device, Kind, Tensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -106,13 +106,13 @@ fn run(rank: usize, port: u16, iters: usize) {
                 width: 64,
             };
             let model = Model::new(&cfg, Device::Cpu, 0);
-            let mut opt = sgd(&model.vs, 0.1).expect("sgd");
+            let mut opt = recipe_sgd(&model);
             let x = Tensor::randn([16, 3, 64, 64], (Kind::Float, Device::Cpu));
             let y = Tensor::randint(10, [16], (Kind::Int64, Device::Cpu));
             let times: Vec<f64> = (0..5)
                 .map(|_| {
                     let t = Instant::now();
-                    let _ = train_step(&model.net, &mut opt, &x, &y);
+                    let _ = train_step(&model.net, &mut opt, &x, &y, 0.1);
                     t.elapsed().as_secs_f64()
                 })
                 .collect();

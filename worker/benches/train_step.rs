@@ -12,7 +12,7 @@ use axial_common::ModelSpec;
 use axial_common::model::ImageSize;
 use axial_worker::forward::parse_device;
 use axial_worker::model::Model;
-use axial_worker::train::{sgd, train_step};
+use axial_worker::train::{recipe_sgd, train_step};
 use tch::{Device, Kind, Tensor};
 
 struct Args {
@@ -108,16 +108,13 @@ fn main() {
             }
         };
         let model = Model::new(&config, args.device, 0);
-        let Ok(mut opt) = sgd(&model.vs, 0.1) else {
-            eprintln!("train_step bench: cannot build the optimizer");
-            std::process::exit(1);
-        };
+        let mut opt = recipe_sgd(&model);
         let x = Tensor::randn([args.batch, 3, size, size], (Kind::Float, args.device));
         let y = Tensor::randint(10, [args.batch], (Kind::Int64, args.device));
         let mut train = Vec::with_capacity(args.iters);
         for i in 0..args.warmup + args.iters {
             let t = Instant::now();
-            let loss = train_step(&model.net, &mut opt, &x, &y);
+            let loss = train_step(&model.net, &mut opt, &x, &y, 0.1);
             sync(args.device);
             if i >= args.warmup {
                 train.push(t.elapsed().as_secs_f64());

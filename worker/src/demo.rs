@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::Result;
 use crate::forward::parse_device;
 use crate::model::Model;
-use crate::train::{sgd, train_step};
+use crate::train::{recipe_sgd, train_step};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -82,12 +82,12 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         (Kind::Float, device),
     );
     let labels = Tensor::randint(config.num_classes, [args.batch], (Kind::Int64, device));
-    let mut opt = sgd(&model.vs, args.lr)?;
+    let mut opt = recipe_sgd(&model);
     let mut first_loss = f64::NAN;
     let mut last_loss = f64::NAN;
     let start = Instant::now();
     for step in 0..args.steps {
-        let loss = train_step(&model.net, &mut opt, &images, &labels);
+        let loss = train_step(&model.net, &mut opt, &images, &labels, args.lr);
         if step == 0 || step + 1 == args.steps || (step + 1) % 10 == 0 {
             let value = loss.double_value(&[]);
             if step == 0 {

@@ -170,6 +170,21 @@ impl Model {
         NameTable::for_variant(self.net.config().variant)
     }
 
+    /// The trainable parameters under the layout's PyTorch names, sorted by name (the order
+    /// every rank and every checkpoint uses).
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let names = self.names();
+        let mut params: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .map(|(n, t)| (names.external(&n), t))
+            .collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        params
+    }
+
     /// The full state dict under the layout's PyTorch names, sorted: parameters, running
     /// statistics, `num_batches_tracked` and the derived index buffers.
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {

@@ -9,4 +9,4 @@ pub mod run;
 pub mod schedule;
 pub mod step;
 
-pub use step::{sgd, train_step};
+pub use step::{recipe_sgd, train_step};

@@ -58,7 +58,6 @@ use crate::forward::parse_device;
 use crate::metrics::{Phase, WorkerMetrics};
 use crate::model::Model;
 use crate::model::batch_norm::SyncContext;
-use crate::model::weights::NameTable;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -251,20 +250,14 @@ pub fn run(
         }
     }
     let model = Model::new(&job.model, device, seed as i64);
-    let names = NameTable::for_variant(job.model.variant);
     let mut variables: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
-    let params: Vec<(String, Tensor)> = variables
-        .iter()
-        .filter(|(_, t)| t.requires_grad())
-        .map(|(n, t)| (names.external(n), t.shallow_clone()))
-        .collect();
     let buffers: Vec<Tensor> = variables
         .iter()
         .filter(|(_, t)| !t.requires_grad())
         .map(|(_, t)| t.shallow_clone())
         .collect();
-    let mut optimizer = Optimizer::new(&job.optim, params);
+    let mut optimizer = Optimizer::new(&job.optim, model.named_parameters());
 
     let batch = job.train.batch_size as u64;
     let accumulate = job.train.accumulate;
