@@ -21,6 +21,8 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+step "PyTorch twin against the reference fixtures (scripts/pytorch/)"
+PYTHONWARNINGS=ignore "$(readlink -f .libtorch)/../../../../bin/python" scripts/pytorch/check_fixtures.py
 step "cargo build (every binary: the end-to-end tests run them)"
 cargo build --workspace --bins --locked
 step "cargo test"

@@ -27,6 +27,8 @@ fn main() {
         && std::env::var_os("AXIAL_NO_CUDA").is_none();
     if has_cuda {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        // The shim's NCCL group picks its CUDA device (c10::cuda::set_device).
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-lc10_cuda,--as-needed");
     }
     // The worker's small C++ shim over ATen (only the worker package has one).
     if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("axial-worker") {
@@ -68,6 +70,7 @@ fn main() {
             .include("csrc") // the gloo header stand-ins
             .file("csrc/precision.cpp")
             .file("csrc/c10d_shim.cpp")
+            .file("csrc/kv_store.cpp")
             .file("csrc/nccl_shim.cpp")
             .file("csrc/reducer.cpp")
             .compile("axial_shim");

@@ -94,6 +94,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// The files rank 0 writes into each checkpoint folder (the manifest lists exactly these).
+pub const FILES: [&str; 4] = [
+    "model.safetensors",
+    "optimizer.safetensors",
+    "state.json",
+    "job.toml",
+];
+
 /// Name of the folder of the checkpoint at `step`.
 pub fn folder_name(step: u64) -> String {
     format!("ckpt-{step:010}")

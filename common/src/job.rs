@@ -139,6 +139,26 @@ pub struct DataConfig {
     /// per epoch across restarts.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub log_samples: bool,
+    /// Tar shards (`format = "webdataset"`): how many shards are read at once; each next sample
+    /// comes from one of them at random, so shards that each hold one class still give mixed
+    /// batches. Other formats are read in a full permutation and take no window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_window: Option<usize>,
+    /// Tar shards: samples held in the shuffle buffer after the window (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shuffle_buffer: Option<usize>,
+}
+
+impl DataConfig {
+    /// Shards open at once (`shard_window`, default 16).
+    pub fn shard_window(&self) -> usize {
+        self.shard_window.unwrap_or(16)
+    }
+
+    /// Samples in the shuffle buffer (`shuffle_buffer`, default 4096).
+    pub fn shuffle_buffer(&self) -> usize {
+        self.shuffle_buffer.unwrap_or(4096)
+    }
 }
 
 fn default_loader_threads() -> usize {
@@ -483,6 +503,37 @@ impl JobConfig {
                     ));
                 }
             }
+        }
+        for (key, value) in [
+            ("data.shard_window", d.shard_window),
+            ("data.shuffle_buffer", d.shuffle_buffer),
+        ] {
+            let Some(value) = value else { continue };
+            if d.format != DataFormat::Webdataset {
+                return Err(ConfigError::invalid(
+                    key,
+                    value,
+                    format!(
+                        "only for format = \"webdataset\" (tar shards); {} data is read in a \
+                         full permutation of its samples",
+                        format!("{:?}", d.format).to_lowercase()
+                    ),
+                ));
+            }
+        }
+        if !(1..=4096).contains(&d.shard_window()) {
+            return Err(ConfigError::invalid(
+                "data.shard_window",
+                d.shard_window(),
+                "1..=4096 shards open at once",
+            ));
+        }
+        if d.shuffle_buffer() > 10_000_000 {
+            return Err(ConfigError::invalid(
+                "data.shuffle_buffer",
+                d.shuffle_buffer(),
+                "0..=10000000 samples",
+            ));
         }
         if !(1..=64).contains(&d.loader_threads) {
             return Err(ConfigError::invalid(

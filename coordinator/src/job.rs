@@ -1,5 +1,5 @@
-//! The job's state: membership, the collective's store address, the checkpoint barrier and the
-//! committed position, composed; plain data, time as an argument, no sockets.
+//! The job's state: membership, the collective's rendezvous store, the checkpoint barrier and
+//! the committed position, composed; plain data, time as an argument, no sockets.
 //!
 //! Persistence: what must survive a restart of the coordinator is on disk — the job file, the
 //! token file, the committed checkpoints (each `manifest.json` holds the step, epoch, the
@@ -19,12 +19,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::barrier::{Barrier, FileVote, VoteOutcome};
 use crate::membership::{Assignment, HeartbeatReply, JoinReply, Membership, MembershipConfig};
+use crate::rendezvous::{self, Rendezvous};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreAddr {
-    pub generation: u64,
-    pub host: String,
-    pub port: u16,
+/// Why a rendezvous store operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreRefused {
+    /// The generation is not the running one (it ended, or never was).
+    #[error("generation {asked} is not the running one ({running})")]
+    Stale { asked: u64, running: u64 },
+    /// The caller is not a rank of the generation.
+    #[error("{worker} is not a rank of generation {generation}")]
+    NotMember { worker: String, generation: u64 },
+    #[error(transparent)]
+    Store(#[from] rendezvous::StoreError),
 }
 
 /// Where workers start: the newest committed checkpoint.
@@ -41,7 +48,6 @@ pub enum Join {
     Finished,
     Assigned {
         assignment: Assignment,
-        store: Option<StoreAddr>,
         resume: Option<Committed>,
     },
 }
@@ -82,7 +88,12 @@ pub struct JobState {
     pub job_toml: String,
     membership: Membership,
     barrier: Barrier,
-    store: Option<StoreAddr>,
+    /// The running generation's rendezvous store.
+    rendezvous: Rendezvous,
+    /// The address each worker advertised for the collective's traffic.
+    hosts: std::collections::BTreeMap<String, String>,
+    /// Workers that gave up (left without finishing), and why.
+    gave_up: std::collections::BTreeMap<String, String>,
     committed: Option<Committed>,
     /// Rank 0's vote (folder and files) for the pending checkpoint.
     pending_folder: Option<(PathBuf, Vec<FileEntry>, Position)>,
@@ -175,7 +186,9 @@ impl JobState {
             job,
             membership: Membership::resume(members, generation),
             barrier: Barrier::new(),
-            store: None,
+            rendezvous: Rendezvous::default(),
+            hosts: Default::default(),
+            gave_up: Default::default(),
             committed,
             pending_folder: None,
             finished: BTreeSet::new(),
@@ -309,10 +322,6 @@ impl JobState {
             JoinReply::Wait => Join::Wait,
             JoinReply::Assigned(assignment) => Join::Assigned {
                 assignment,
-                store: self
-                    .store
-                    .clone()
-                    .filter(|s| s.generation == assignment.generation),
                 resume: self.committed.clone(),
             },
         }
@@ -323,6 +332,7 @@ impl JobState {
         if now_gen != before {
             self.barrier.abort(before);
             self.pending_folder = None;
+            self.rendezvous.clear();
             self.save_or_log();
         }
         self.drain_membership_events();
@@ -332,26 +342,34 @@ impl JobState {
         self.membership.assignment_of(worker).map(|a| a.rank)
     }
 
-    pub fn publish_store(
+    /// Records the address `worker` advertises for the collective's traffic.
+    pub fn set_host(&mut self, worker: &str, host: &str) {
+        if !host.is_empty() && self.hosts.get(worker).map(String::as_str) != Some(host) {
+            self.hosts.insert(worker.to_owned(), host.to_owned());
+        }
+        self.gave_up.remove(worker);
+    }
+
+    /// One operation on the rendezvous store of `generation`, for one of its ranks only.
+    pub fn store(
         &mut self,
         worker: &str,
         generation: u64,
-        host: &str,
-        port: u16,
-    ) -> Result<(), String> {
+        op: rendezvous::Op,
+    ) -> Result<rendezvous::Outcome, StoreRefused> {
         if !self.membership.is_current(generation) {
-            return Err(format!(
-                "generation {generation} is not the running one ({})",
-                self.membership.generation()
-            ));
+            return Err(StoreRefused::Stale {
+                asked: generation,
+                running: self.membership.generation(),
+            });
         }
-        let _ = worker;
-        self.store = Some(StoreAddr {
-            generation,
-            host: host.to_owned(),
-            port,
-        });
-        Ok(())
+        if self.rank_of(worker).is_none() {
+            return Err(StoreRefused::NotMember {
+                worker: worker.to_owned(),
+                generation,
+            });
+        }
+        Ok(self.rendezvous.apply(generation, op)?)
     }
 
     pub fn heartbeat(&mut self, worker: &str, generation: u64, now: u64) -> HeartbeatReply {
@@ -380,6 +398,8 @@ impl JobState {
             .map(|(id, rank, last_seen, standby)| {
                 let (step, loss, ips, _) = self.progress.get(&id).copied().unwrap_or_default();
                 WorkerStatus {
+                    host: self.hosts.get(&id).cloned().unwrap_or_default(),
+                    reason: String::new(),
                     state: if standby {
                         "standby"
                     } else if rank.is_some() {
@@ -395,6 +415,17 @@ impl JobState {
                     images_per_second: ips,
                 }
             })
+            .chain(self.gave_up.iter().map(|(id, reason)| WorkerStatus {
+                id: id.clone(),
+                state: "failed",
+                rank: None,
+                host: self.hosts.get(id).cloned().unwrap_or_default(),
+                reason: reason.clone(),
+                since_heartbeat_ms: 0,
+                step: 0,
+                loss: 0.0,
+                images_per_second: 0.0,
+            }))
             .collect::<Vec<_>>();
         let lead = workers.iter().find(|w| w.rank == Some(0));
         Status {
@@ -444,6 +475,17 @@ impl JobState {
                     "stale generation {generation} (running: {})",
                     self.membership.generation()
                 ),
+            };
+        }
+        if let Err(reason) = self.check_vote_files(rank, pos.step, folder.as_deref(), &files) {
+            self.log.push(format!(
+                "refused a vote of rank {rank} for step {}: {reason}",
+                pos.step
+            ));
+            return VoteResult {
+                accepted: false,
+                committed: false,
+                reason,
             };
         }
         if self.barrier.pending_step() != Some(pos.step) {
@@ -504,6 +546,45 @@ impl JobState {
         }
     }
 
+    /// What a vote may name: rank 0 the folder `<checkpoint dir>/ckpt-<step>` and exactly the
+    /// checkpoint's files (plain names, each once), the other ranks nothing. The coordinator
+    /// writes the manifest into that folder, so a vote must not point it anywhere else.
+    fn check_vote_files(
+        &self,
+        rank: usize,
+        step: u64,
+        folder: Option<&std::path::Path>,
+        files: &[FileEntry],
+    ) -> Result<(), String> {
+        if rank != 0 {
+            return match (folder, files.is_empty()) {
+                (None, true) => Ok(()),
+                _ => Err(format!("rank {rank} names files; only rank 0 writes them")),
+            };
+        }
+        let Some(folder) = folder else {
+            return Err("rank 0's vote names no checkpoint folder".into());
+        };
+        let expected = self.job.checkpoint.dir.join(checkpoint::folder_name(step));
+        if folder != expected {
+            return Err(format!(
+                "folder {} is not {} (the checkpoint of step {step})",
+                folder.display(),
+                expected.display()
+            ));
+        }
+        let mut names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        names.sort_unstable();
+        let mut wanted = checkpoint::FILES.to_vec();
+        wanted.sort_unstable();
+        if names != wanted {
+            return Err(format!(
+                "files {names:?} are not the checkpoint's files {wanted:?}"
+            ));
+        }
+        Ok(())
+    }
+
     fn commit(&mut self) -> Result<(), String> {
         let (folder, files, pos) = self
             .pending_folder
@@ -536,9 +617,25 @@ impl JobState {
         Ok(())
     }
 
-    pub fn leave(&mut self, worker: &str, finished: bool, now: u64) {
+    /// A worker leaves: done with the job (`finished`), or giving up for `reason`. Only a
+    /// member or a standby can leave: a call for any other id changes nothing.
+    pub fn leave(&mut self, worker: &str, finished: bool, reason: &str, now: u64) {
+        let known = self
+            .membership
+            .workers()
+            .iter()
+            .any(|(id, _, _, _)| id == worker);
+        if !known {
+            self.log.push(format!(
+                "ignored a leave from {worker}, which is not a member"
+            ));
+            return;
+        }
         if finished {
             self.finished.insert(worker.to_owned());
+        } else if !reason.is_empty() {
+            self.log.push(format!("{worker} gave up: {reason}"));
+            self.gave_up.insert(worker.to_owned(), reason.to_owned());
         }
         let before = self.membership.generation();
         self.membership.leave(worker, now);
@@ -584,8 +681,13 @@ impl JobState {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WorkerStatus {
     pub id: String,
+    /// running, joining, standby, or failed (gave up: see `reason`).
     pub state: &'static str,
     pub rank: Option<usize>,
+    /// The address it advertised for the collective's traffic.
+    pub host: String,
+    /// Why a failed worker gave up.
+    pub reason: String,
     pub since_heartbeat_ms: u64,
     pub step: u64,
     pub loss: f64,
@@ -718,6 +820,61 @@ mod tests {
         }
     }
 
+    /// Writes rank 0's files of a checkpoint into `folder` and describes them.
+    fn checkpoint_files(folder: &std::path::Path) -> Vec<FileEntry> {
+        std::fs::create_dir_all(folder).expect("mkdir");
+        for name in checkpoint::FILES {
+            std::fs::write(folder.join(name), name.as_bytes()).expect("write");
+        }
+        checkpoint::describe(folder, &checkpoint::FILES).expect("describe")
+    }
+
+    /// A vote may only name its own checkpoint's folder and files (the coordinator writes the
+    /// manifest there); anything else is refused and logged. Leaves act only on members.
+    #[test]
+    fn votes_naming_other_folders_or_files_and_strangers_leaving_are_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false);
+        let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+            panic!("group")
+        };
+        let g = assignment.generation;
+        let pos = Position {
+            step: 4,
+            consumed: 32,
+            samples_seen: 32,
+            loss_scale: 1.0,
+            ..Position::default()
+        };
+        let good = tmp.path().join("ckpt-0000000004");
+        let files = checkpoint_files(&good);
+        let renamed = |name: &str| {
+            let mut f = files.clone();
+            f[0].name = name.into();
+            f
+        };
+        for (folder, files, why) in [
+            (tmp.path().join("elsewhere"), files.clone(), "is not"),
+            (std::path::PathBuf::from("/etc"), files.clone(), "is not"),
+            (good.clone(), renamed("../../etc/passwd"), "are not"),
+            (good.clone(), renamed("/etc/passwd"), "are not"),
+            (good.clone(), files[..3].to_vec(), "are not"),
+        ] {
+            let v = s.vote(0, g, pos, Some(folder.clone()), files, 5);
+            assert!(!v.accepted && v.reason.contains(why), "{folder:?}: {v:?}");
+        }
+        assert!(s.log.iter().any(|l| l.contains("refused a vote")));
+        assert!(!good.join("manifest.json").exists());
+        let v = s.vote(0, g, pos, Some(good.clone()), files, 6);
+        assert!(v.committed, "{v:?}");
+        // A leave for an id that is no member does nothing; the member is still running.
+        s.leave("stranger", true, "", 7);
+        s.leave("stranger", false, "go away", 7);
+        assert_eq!(s.rank_of("a"), Some(0));
+        assert!(!s.done());
+        assert!(s.status(8).workers.iter().all(|w| w.id != "stranger"));
+    }
+
     /// Two ranks vote; the coordinator commits the manifest, and status and metrics show it.
     #[test]
     fn votes_commit_and_status_reports() {
@@ -735,17 +892,23 @@ mod tests {
         };
         assert_eq!(assignment.world, 2);
         let g = assignment.generation;
-        s.publish_store("a", g, "127.0.0.1", 4000).expect("store");
-        assert!(
-            s.publish_store("a", g + 7, "127.0.0.1", 4000).is_err(),
-            "stale generation"
-        );
+        // The rendezvous store: for this generation's ranks only.
+        let set = || crate::rendezvous::Op::Set {
+            key: "k".into(),
+            value: b"v".to_vec(),
+        };
+        assert!(s.store("a", g, set()).is_ok());
+        assert!(matches!(
+            s.store("a", g + 7, set()),
+            Err(StoreRefused::Stale { .. })
+        ));
+        assert!(matches!(
+            s.store("stranger", g, set()),
+            Err(StoreRefused::NotMember { .. })
+        ));
         s.record_progress("a", 12, 1.5, 300.0, 10);
         let folder = tmp.path().join("ckpt-0000000012");
-        std::fs::create_dir_all(&folder).expect("mkdir");
-        std::fs::write(folder.join("model.safetensors"), b"weights").expect("write");
-        let files =
-            axial_common::checkpoint::describe(&folder, &["model.safetensors"]).expect("describe");
+        let files = checkpoint_files(&folder);
         let pos = Position {
             step: 12,
             consumed: 96,
@@ -833,10 +996,7 @@ mod tests {
         assert!(bad.expect_err("bad lr").contains("lr"));
         // The next checkpoint records the change.
         let folder = tmp.path().join("ckpt-0000000050");
-        std::fs::create_dir_all(&folder).expect("mkdir");
-        std::fs::write(folder.join("model.safetensors"), b"w").expect("write");
-        let files =
-            axial_common::checkpoint::describe(&folder, &["model.safetensors"]).expect("describe");
+        let files = checkpoint_files(&folder);
         let pos = Position {
             step: 50,
             consumed: 50,
@@ -889,7 +1049,7 @@ mod tests {
         let mut s = JobState::new(job(tmp.path()), members, false);
         assert!(matches!(s.join("a", 1, None, 0), Join::Assigned { .. }));
         assert!(matches!(s.join("standby", 1, None, 1), Join::Wait));
-        s.leave("a", true, 2);
+        s.leave("a", true, "", 2);
         assert!(s.done());
         assert!(matches!(s.join("standby", 1, None, 3), Join::Finished));
         assert!(matches!(s.join("late", 1, None, 4), Join::Finished));

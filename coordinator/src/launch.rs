@@ -99,7 +99,12 @@ pub async fn serve(
             _ = tokio::signal::ctrl_c() => eprintln!("coordinator: interrupted"),
         }
     };
-    let mut server = tonic::transport::Server::builder();
+    // Connections from workers that stopped answering (a dead host, a cut link) are closed
+    // within seconds.
+    let mut server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(axial_proto::deadline::KEEPALIVE))
+        .http2_keepalive_timeout(Some(axial_proto::deadline::KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(axial_proto::deadline::KEEPALIVE));
     if let Some(tls) = opts.tls {
         server = server.tls_config(tls).context("TLS configuration")?;
         eprintln!("coordinator: gRPC over TLS");

@@ -4,8 +4,10 @@
 //! - [`membership::Membership`]: rendezvous, ranks, generations, lost and restarted workers.
 //! - [`barrier::Barrier`]: the two-phase checkpoint (request, votes, commit or abandon).
 //! - [`auth`]: the job token.
-//! - [`job::JobState`]: the job's state, composing the above with the collective's store
-//!   address and the committed checkpoint (the durable state is the checkpoints on disk).
+//! - [`rendezvous::Rendezvous`]: the collective's key-value store for the running generation
+//!   (what c10d's process groups bootstrap through), served to that generation's ranks only.
+//! - [`job::JobState`]: the job's state, composing the above with the committed checkpoint
+//!   (the durable state is the checkpoints on disk).
 //! - [`service`]: the gRPC service over `JobState` (tonic), behind a token interceptor.
 //! - [`http`]: `/metrics` and `/api/status`.
 //! - [`launch`]: serving, and the local launcher (coordinator + N worker processes).
@@ -18,4 +20,5 @@ pub mod http;
 pub mod job;
 pub mod launch;
 pub mod membership;
+pub mod rendezvous;
 pub mod service;

@@ -76,6 +76,11 @@ enum Command {
         /// longest evaluation or checkpoint.
         #[arg(long, default_value_t = 0)]
         progress_timeout: u64,
+        /// Serve plain gRPC on an address other hosts can reach (without TLS the job token and
+        /// the collective's rendezvous cross the network in clear text). Needed to serve
+        /// without --tls-cert/--tls-key anywhere but on loopback.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Change hyperparameters of a running job; every rank applies the change at the same
     /// step, and it is recorded with the next checkpoint.
@@ -145,10 +150,11 @@ fn main() {
             heartbeat_timeout,
             progress_timeout,
             tls,
+            insecure,
         } => serve_cmd(
             tls,
             &job,
-            listen,
+            (listen, insecure),
             &token_file,
             (workers, min, heartbeat_timeout, progress_timeout),
             resume,
@@ -221,7 +227,7 @@ struct ClientTls {
 fn serve_cmd(
     tls: ServerTls,
     job: &std::path::Path,
-    listen: std::net::SocketAddr,
+    (listen, insecure): (std::net::SocketAddr, bool),
     token_file: &std::path::Path,
     (workers, min, heartbeat_timeout, progress_timeout): (usize, Option<usize>, u64, u64),
     resume: bool,
@@ -236,6 +242,29 @@ fn serve_cmd(
         heartbeat_timeout >= 1,
         "--heartbeat-timeout must be at least 1 second"
     );
+    let tls = axial_proto::tls::ServerFiles {
+        cert: tls.tls_cert,
+        key: tls.tls_key,
+        client_ca: tls.tls_client_ca,
+    }
+    .config()
+    .map_err(anyhow::Error::msg)?;
+    if tls.is_none() && !listen.ip().to_canonical().is_loopback() {
+        anyhow::ensure!(
+            insecure,
+            "--listen {listen} can be reached from other hosts, and without TLS the job token \
+             and the collective's rendezvous would cross the network in clear text: give \
+             --tls-cert and --tls-key (workers then use an https:// URL with --tls-ca), or \
+             --insecure on a network you trust (e.g. behind the Kubernetes NetworkPolicy in \
+             deploy/k8s)"
+        );
+        eprintln!(
+            "coordinator: WARNING: serving plain gRPC on {listen} (--insecure): the job token \
+             and the collective's rendezvous cross the network unencrypted; anyone who can read \
+             this network can take over the job. Use --tls-cert/--tls-key outside a trusted \
+             network."
+        );
+    }
     let config = axial_common::JobConfig::load(job)?;
     let token = match std::fs::read_to_string(token_file) {
         Ok(t) => t.trim().to_owned(),
@@ -261,13 +290,7 @@ fn serve_cmd(
         },
         resume,
         http: Some(http),
-        tls: axial_proto::tls::ServerFiles {
-            cert: tls.tls_cert,
-            key: tls.tls_key,
-            client_ca: tls.tls_client_ca,
-        }
-        .config()
-        .map_err(anyhow::Error::msg)?,
+        tls,
         progress_timeout_ms: progress_timeout * 1000,
     };
     let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;

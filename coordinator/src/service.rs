@@ -1,25 +1,37 @@
 //! The gRPC service: translates `axial.v1.Coordinator` calls into calls on [`JobState`] and
 //! back. Authentication (the job token) is an interceptor in front of it.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axial_common::checkpoint::{FileEntry, Position};
 use axial_common::hparams;
 use axial_proto::v1::coordinator_server::Coordinator;
 use axial_proto::v1::{
     self, HeartbeatReply, HeartbeatRequest, HyperParameterChange, JoinReply, JoinRequest,
-    LeaveReply, LeaveRequest, PublishStoreReply, PublishStoreRequest, VoteReply, VoteRequest,
+    LeaveReply, LeaveRequest, StoreReply, StoreRequest, VoteReply, VoteRequest,
+    store_request::Op as WireOp,
 };
 use tonic::{Request, Response, Status};
 
-use crate::job::{JobState, Join};
+use crate::job::{JobState, Join, StoreRefused};
 use crate::membership::HeartbeatReply as Hb;
+use crate::rendezvous::{Op, Outcome, StoreError};
+
+/// The longest a store call may wait for keys (its client asks again for longer waits).
+const MAX_STORE_WAIT: Duration = Duration::from_secs(30);
+/// Keys one CHECK or WAIT may name.
+const MAX_STORE_KEYS: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct Service {
     pub state: Arc<Mutex<JobState>>,
     start: Instant,
+    /// Woken whenever the rendezvous store changes (store calls waiting for keys).
+    store_changed: Arc<tokio::sync::Notify>,
+    /// Store calls refused to non-members so far (logged at powers of two, not each).
+    refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Service {
@@ -27,6 +39,8 @@ impl Service {
         Self {
             state: Arc::new(Mutex::new(state)),
             start: Instant::now(),
+            store_changed: Arc::new(tokio::sync::Notify::new()),
+            refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
@@ -40,10 +54,87 @@ impl Service {
     }
 }
 
-/// The interceptor: every call must carry `authorization: Bearer <token>`.
+/// Whether `host` names this machine's loopback interface.
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// A worker that reaches the coordinator over the network but advertises a loopback address
+/// for the collective: no other host could reach it, and the group would never form.
+fn check_advertised(worker: &str, host: &str, peer: Option<SocketAddr>) -> Result<(), Status> {
+    match peer {
+        Some(peer) if !peer.ip().to_canonical().is_loopback() && is_loopback_host(host) => {
+            Err(Status::invalid_argument(format!(
+                "{worker} advertises {host}, a loopback address, for the collective's traffic \
+                 but reaches the coordinator from {peer}: ranks on other hosts could not reach \
+                 it; give `join --host` this worker's own address, or leave --host out (the \
+                 local address of the route to the coordinator is used)"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn store_status(e: StoreRefused) -> Status {
+    match e {
+        StoreRefused::Stale { .. } => Status::failed_precondition(e.to_string()),
+        StoreRefused::NotMember { .. } => Status::permission_denied(e.to_string()),
+        StoreRefused::Store(StoreError::Invalid(m)) => Status::invalid_argument(m),
+        StoreRefused::Store(StoreError::Full(m)) => Status::resource_exhausted(m),
+    }
+}
+
+/// The request's operation, its keys checked.
+fn store_op(r: &StoreRequest) -> Result<Op, Status> {
+    let op = WireOp::try_from(r.op)
+        .map_err(|_| Status::invalid_argument(format!("unknown store operation {}", r.op)))?;
+    let one = || match r.keys.as_slice() {
+        [key] => Ok(key.clone()),
+        keys => Err(Status::invalid_argument(format!(
+            "store {op:?} takes one key, not {}",
+            keys.len()
+        ))),
+    };
+    let many = || {
+        if r.keys.is_empty() || r.keys.len() > MAX_STORE_KEYS {
+            Err(Status::invalid_argument(format!(
+                "store {op:?} takes 1..={MAX_STORE_KEYS} keys, not {}",
+                r.keys.len()
+            )))
+        } else {
+            Ok(r.keys.clone())
+        }
+    };
+    Ok(match op {
+        WireOp::Set => Op::Set {
+            key: one()?,
+            value: r.value.clone(),
+        },
+        WireOp::Get => Op::Get { key: one()? },
+        WireOp::Add => Op::Add {
+            key: one()?,
+            amount: r.amount,
+        },
+        WireOp::Check | WireOp::Wait => Op::Check { keys: many()? },
+        WireOp::Delete => Op::Delete { key: one()? },
+        WireOp::CompareSet => Op::CompareSet {
+            key: one()?,
+            expected: r.expected.clone(),
+            value: r.value.clone(),
+        },
+        WireOp::NumKeys => Op::NumKeys,
+    })
+}
+
+/// The interceptor: every call must carry `authorization: Bearer <token>`. Refusals are
+/// logged at powers of two (a flood of them does not flood the log).
 pub fn authenticate(
     token: String,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
     move |req: Request<()>| {
         let header = req
             .metadata()
@@ -52,10 +143,13 @@ pub fn authenticate(
         match crate::auth::check(header, &token) {
             Ok(()) => Ok(req),
             Err(e) => {
-                eprintln!(
-                    "coordinator: refused a call from {:?}: {e}",
-                    req.remote_addr()
-                );
+                let n = 1 + refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    eprintln!(
+                        "coordinator: refused a call from {:?}: {e} ({n} refused so far)",
+                        req.remote_addr()
+                    );
+                }
                 Err(Status::unauthenticated(e.to_string()))
             }
         }
@@ -65,12 +159,18 @@ pub fn authenticate(
 #[tonic::async_trait]
 impl Coordinator for Service {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        let peer = request.remote_addr();
         let r = request.into_inner();
         if r.worker_id.is_empty() {
             return Err(Status::invalid_argument("worker_id is empty"));
         }
+        if let Err(refused) = check_advertised(&r.worker_id, &r.host, peer) {
+            eprintln!("coordinator: refused a join: {}", refused.message());
+            return Err(refused);
+        }
         let now = self.now();
         let mut state = self.lock();
+        state.set_host(&r.worker_id, &r.host);
         let abandoned =
             (r.abandoned_generation != 0).then_some((r.abandoned_generation, r.reason.as_str()));
         let reply = match state.join(&r.worker_id, r.incarnation, abandoned, now) {
@@ -79,18 +179,12 @@ impl Coordinator for Service {
                 status: v1::join_reply::Status::Finished as i32,
                 ..Default::default()
             },
-            Join::Assigned {
-                assignment,
-                store,
-                resume,
-            } => JoinReply {
+            Join::Assigned { assignment, resume } => JoinReply {
                 status: v1::join_reply::Status::Assigned as i32,
                 rank: assignment.rank as u32,
                 world: assignment.world as u32,
                 generation: assignment.generation,
                 job_toml: state.job_toml.clone(),
-                store_host: store.as_ref().map(|s| s.host.clone()).unwrap_or_default(),
-                store_port: store.map_or(0, |s| u32::from(s.port)),
                 resume: resume.map(|c| v1::Resume {
                     epoch: c.position.epoch,
                     consumed: c.position.consumed,
@@ -103,17 +197,62 @@ impl Coordinator for Service {
         Ok(Response::new(reply))
     }
 
-    async fn publish_store(
-        &self,
-        request: Request<PublishStoreRequest>,
-    ) -> Result<Response<PublishStoreReply>, Status> {
+    async fn store(&self, request: Request<StoreRequest>) -> Result<Response<StoreReply>, Status> {
+        let peer = request.remote_addr();
         let r = request.into_inner();
-        let port = u16::try_from(r.port)
-            .map_err(|_| Status::invalid_argument(format!("port {} out of range", r.port)))?;
-        self.lock()
-            .publish_store(&r.worker_id, r.generation, &r.host, port)
-            .map_err(Status::failed_precondition)?;
-        Ok(Response::new(PublishStoreReply {}))
+        let op = store_op(&r)?;
+        let waits = matches!(WireOp::try_from(r.op), Ok(WireOp::Get) | Ok(WireOp::Wait));
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(u64::from(r.wait_ms)).min(MAX_STORE_WAIT);
+        loop {
+            // Registered before looking, so a change made meanwhile still wakes this call.
+            let changed = self.store_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let outcome = self
+                .lock()
+                .store(&r.worker_id, r.generation, op.clone())
+                .map_err(|e| {
+                    if matches!(e, StoreRefused::NotMember { .. }) {
+                        let n = 1 + self
+                            .refused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if n.is_power_of_two() {
+                            eprintln!(
+                                "coordinator: refused a store call from {peer:?}: {e} ({n} refused so far)"
+                            );
+                        }
+                    }
+                    store_status(e)
+                })?;
+            let reply = match outcome {
+                Outcome::Done => StoreReply::default(),
+                Outcome::Value(Some(value)) => StoreReply {
+                    value,
+                    found: true,
+                    ..Default::default()
+                },
+                Outcome::Value(None) => StoreReply::default(),
+                Outcome::Number(number) => StoreReply {
+                    number,
+                    ..Default::default()
+                },
+                Outcome::Flag(flag) => StoreReply {
+                    number: i64::from(flag),
+                    ..Default::default()
+                },
+            };
+            let ready = !waits || reply.found || reply.number == 1;
+            if !waits {
+                self.store_changed.notify_waiters();
+            }
+            if ready || tokio::time::Instant::now() >= deadline {
+                return Ok(Response::new(reply));
+            }
+            // Look again on a change, and at least every second (the generation may end).
+            let slice = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+            let _ = tokio::time::timeout_at(slice, changed).await;
+        }
     }
 
     async fn heartbeat(
@@ -184,7 +323,10 @@ impl Coordinator for Service {
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
         let r = request.into_inner();
         let now = self.now();
-        self.lock().leave(&r.worker_id, r.finished, now);
+        if !r.finished && !r.reason.is_empty() {
+            eprintln!("coordinator: {} gave up: {}", r.worker_id, r.reason);
+        }
+        self.lock().leave(&r.worker_id, r.finished, &r.reason, now);
         Ok(Response::new(LeaveReply {}))
     }
 

@@ -4,7 +4,7 @@
 //! The binaries are found beside the test executable (`target/<profile>/`); `scripts/test.sh`
 //! builds them (`cargo build --workspace --bins`) before running the tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Path of a workspace binary built by the same `cargo test` run.
@@ -40,3 +40,134 @@ pub fn run(cmd: &mut Command) -> Output {
     );
     out
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Reads lines until one contains `needle`; returns every line read.
+pub fn until(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no line with {needle:?}; saw {seen:#?}"));
+        let hit = line.contains(needle);
+        seen.push(line);
+        if hit {
+            return seen;
+        }
+    }
+}
+
+pub fn wait_ok(child: &mut std::process::Child, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "{what} failed: {status}");
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not finish");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Per-sample exactly-once, from the workers' sample logs (`[data] log_samples`): every line is
+/// `<generation> <epoch> <step> <index>...`. A generation that resumed from step R rolled back
+/// every earlier generation's steps after R; what remains must hold each of the `n` samples of
+/// each of the `epochs` epochs exactly once.
+pub fn assert_each_sample_once(dir: &Path, epochs: u64, n: usize) {
+    let mut lines: Vec<(u64, u64, u64, Vec<usize>)> = Vec::new();
+    for entry in std::fs::read_dir(dir.join("ckpt/samples")).expect("sample logs") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("log");
+        for line in text.lines() {
+            let v: Vec<u64> = line
+                .split(' ')
+                .map(|x| x.parse().expect("number"))
+                .collect();
+            lines.push((
+                v[0],
+                v[1],
+                v[2],
+                v[3..].iter().map(|&x| x as usize).collect(),
+            ));
+        }
+    }
+    // Where each generation resumed: one step before its first.
+    let mut resumed_at = std::collections::BTreeMap::new();
+    for (g, _, step, _) in &lines {
+        let r = resumed_at.entry(*g).or_insert(u64::MAX);
+        *r = (*r).min(step - 1);
+    }
+    let kept = lines
+        .iter()
+        .filter(|(g, _, step, _)| !resumed_at.range(g + 1..).any(|(_, &r)| *step > r));
+    let mut seen = vec![vec![0u32; n]; epochs as usize];
+    for (_, epoch, _, ids) in kept {
+        for &i in ids {
+            seen[*epoch as usize][i] += 1;
+        }
+    }
+    for (e, counts) in seen.iter().enumerate() {
+        let wrong: Vec<(usize, u32)> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c != 1)
+            .map(|(i, c)| (i, *c))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "epoch {e}: (sample, times consumed) {wrong:?}"
+        );
+    }
+    println!(
+        "sample logs: {} lines from generations {:?} (resumed at steps {:?}); each of {n} samples once in each of {epochs} epochs",
+        lines.len(),
+        resumed_at.keys().collect::<Vec<_>>(),
+        resumed_at.values().collect::<Vec<_>>()
+    );
+}
+
+/// The lines of `stream`, printed and sent through a channel by a thread.
+pub fn stream_lines(
+    stream: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stream)).map_while(Result::ok) {
+            println!("{line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Process ids whose command line has every one of `parts`.
+pub fn pids_with(parts: &[&str]) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            parts
+                .iter()
+                .all(|p| args.iter().any(|a| a.contains(p)))
+                .then_some(pid)
+        })
+        .collect()
+}
+
+pub mod cluster;

@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use axial_e2e::{bin, run};
+use axial_e2e::{
+    assert_each_sample_once, bin, free_port, pids_with, run, stream_lines, until, wait_ok,
+};
 
 const JOB: &str = r#"
 [model]
@@ -210,13 +212,6 @@ fn long_job() -> String {
     JOB.replace("train = 200", "train = 400")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// `axial-coordinator serve` on `port`; its stderr lines come through the returned channel.
 fn serve(
     dir: &Path,
@@ -236,92 +231,6 @@ fn serve(
     let mut child = cmd.spawn().expect("serve");
     let rx = stream_lines(child.stderr.take().expect("stderr"));
     (child, rx)
-}
-
-/// Reads lines until one contains `needle`; returns every line read.
-fn until(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
-    let mut seen = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("no line with {needle:?}; saw {seen:#?}"));
-        let hit = line.contains(needle);
-        seen.push(line);
-        if hit {
-            return seen;
-        }
-    }
-}
-
-fn wait_ok(child: &mut std::process::Child, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert!(status.success(), "{what} failed: {status}");
-            return;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not finish");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
-/// Per-sample exactly-once, from the workers' sample logs (`[data] log_samples`): every line is
-/// `<generation> <epoch> <step> <index>...`. A generation that resumed from step R rolled back
-/// every earlier generation's steps after R; what remains must hold each of the `n` samples of
-/// each of the `epochs` epochs exactly once.
-fn assert_each_sample_once(dir: &Path, epochs: u64, n: usize) {
-    let mut lines: Vec<(u64, u64, u64, Vec<usize>)> = Vec::new();
-    for entry in std::fs::read_dir(dir.join("ckpt/samples")).expect("sample logs") {
-        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("log");
-        for line in text.lines() {
-            let v: Vec<u64> = line
-                .split(' ')
-                .map(|x| x.parse().expect("number"))
-                .collect();
-            lines.push((
-                v[0],
-                v[1],
-                v[2],
-                v[3..].iter().map(|&x| x as usize).collect(),
-            ));
-        }
-    }
-    // Where each generation resumed: one step before its first.
-    let mut resumed_at = std::collections::BTreeMap::new();
-    for (g, _, step, _) in &lines {
-        let r = resumed_at.entry(*g).or_insert(u64::MAX);
-        *r = (*r).min(step - 1);
-    }
-    let kept = lines
-        .iter()
-        .filter(|(g, _, step, _)| !resumed_at.range(g + 1..).any(|(_, &r)| *step > r));
-    let mut seen = vec![vec![0u32; n]; epochs as usize];
-    for (_, epoch, _, ids) in kept {
-        for &i in ids {
-            seen[*epoch as usize][i] += 1;
-        }
-    }
-    for (e, counts) in seen.iter().enumerate() {
-        let wrong: Vec<(usize, u32)> = counts
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c != 1)
-            .map(|(i, c)| (i, *c))
-            .collect();
-        assert!(
-            wrong.is_empty(),
-            "epoch {e}: (sample, times consumed) {wrong:?}"
-        );
-    }
-    println!(
-        "sample logs: {} lines from generations {:?} (resumed at steps {:?}); each of {n} samples once in each of {epochs} epochs",
-        lines.len(),
-        resumed_at.keys().collect::<Vec<_>>(),
-        resumed_at.values().collect::<Vec<_>>()
-    );
 }
 
 fn assert_finished_exactly_once(dir: &Path, world: u64) {
@@ -429,40 +338,6 @@ fn launch_streaming(
         .expect("launch");
     let lines = stream_lines(child.stderr.take().expect("stderr"));
     (child, lines)
-}
-
-/// The lines of `stream`, printed and sent through a channel by a thread.
-fn stream_lines(stream: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stream)).map_while(Result::ok) {
-            println!("{line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Process ids whose command line has every one of `parts`.
-fn pids_with(parts: &[&str]) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            parts
-                .iter()
-                .all(|p| args.iter().any(|a| a.contains(p)))
-                .then_some(pid)
-        })
-        .collect()
 }
 
 /// A launch of 2 workers with `--min-workers 1` loses one (killed with SIGKILL after step 5 is

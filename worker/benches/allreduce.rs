@@ -17,7 +17,7 @@ use axial_common::ModelConfig;
 use axial_common::job::SyncBn;
 use axial_worker::collective::ddp::{BUCKET_BYTES, allreduce_gradients, buckets};
 use axial_worker::collective::reducer::Reducer;
-use axial_worker::collective::{ProcessGroup, Store};
+use axial_worker::collective::{Local, ProcessGroup, Store};
 use axial_worker::model::batch_norm::SyncContext;
 use axial_worker::model::{Model, cross_entropy};
 use axial_worker::train::{recipe_sgd, train_step};
@@ -65,10 +65,12 @@ fn run(rank: usize, port: u16, iters: usize) {
             std::process::exit(1);
         }
     }
-    let pg = std::sync::Arc::new(ProcessGroup::gloo(&store).unwrap_or_else(|e| {
-        eprintln!("allreduce bench: {e}");
-        std::process::exit(1);
-    }));
+    let pg = std::sync::Arc::new(
+        ProcessGroup::gloo(&store, &Local::Host("127.0.0.1".into())).unwrap_or_else(|e| {
+            eprintln!("allreduce bench: {e}");
+            std::process::exit(1);
+        }),
+    );
     if rank == 0 {
         println!("2 processes, Gloo over loopback, median of {iters}");
         println!(

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <thread>
 #include <vector>
 
 using axial::Group;
@@ -78,8 +79,9 @@ int axial_allreduce_sum_autograd(void* g, at::Tensor* x, at::Tensor** out, char*
   });
 }
 
-// The rendezvous store: rank 0 hosts it on `host:port` (port 0: any free port; the chosen one
-// is written to *bound_port); the others connect to it. Returns nullptr on error.
+// A TCPStore (tests and benchmarks; workers bootstrap through the coordinator's store,
+// kv_store.cpp): rank 0 hosts it on `host:port` (port 0: any free port; the chosen one is
+// written to *bound_port); the others connect to it. Returns a c10d::Store*, nullptr on error.
 void* axial_store_new(const char* host, int port, int rank, int world, int64_t timeout_ms,
                       int* bound_port, char* err, size_t err_len) {
   c10d::TCPStore* out = nullptr;
@@ -94,22 +96,27 @@ void* axial_store_new(const char* host, int port, int rank, int world, int64_t t
     if (bound_port != nullptr) *bound_port = store->getPort();
     out = store.release();
   });
-  return out;
+  return static_cast<c10d::Store*>(out);
 }
 
 void axial_store_free(void* store) {
-  if (store != nullptr) c10::intrusive_ptr<c10d::TCPStore>::reclaim(static_cast<c10d::TCPStore*>(store));
+  if (store != nullptr) c10::intrusive_ptr<c10d::Store>::reclaim(static_cast<c10d::Store*>(store));
 }
 
 // Joins the Gloo group through `store` (blocks until every rank has joined, or the timeout).
-// Returns nullptr on error.
-void* axial_gloo_new(void* store, const char* host, int rank, int world, int64_t timeout_ms,
-                     char* err, size_t err_len) {
+// Gloo's device, where this rank's peers connect, is bound to network interface `iface` when
+// it is not empty, else to the address `host` resolves to (this rank's own address, not the
+// store's). Returns nullptr on error.
+void* axial_gloo_new(void* store, const char* host, const char* iface, int rank, int world,
+                     int64_t timeout_ms, char* err, size_t err_len) {
   Group* group = nullptr;
   guarded(err, err_len, [&] {
-    auto s = c10::intrusive_ptr<c10d::TCPStore>::unsafe_reclaim_from_nonowning(static_cast<c10d::TCPStore*>(store));
+    auto s = c10::intrusive_ptr<c10d::Store>::unsafe_reclaim_from_nonowning(static_cast<c10d::Store*>(store));
     auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
-    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
+    options->devices.push_back(
+        iface != nullptr && iface[0] != '\0'
+            ? c10d::ProcessGroupGloo::createDeviceForInterface(std::string(iface))
+            : c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(s, rank, world, options);
     group = new Group{s, pg, std::chrono::milliseconds(timeout_ms), true};
   });
@@ -165,9 +172,15 @@ void axial_group_free(void* g) {
   auto* group = static_cast<Group*>(g);
   if (group->aborted.load()) {
     // A Gloo backend's destructor waits for its in-flight work, which may be a collective with
-    // a hung peer: leave it (and the store it uses) to finish or time out on its own threads.
-    (void)group->pg.release();
-    (void)group->store.release();
+    // a hung peer, until the collective timeout: close it (then its store) on a thread of its
+    // own, so the worker can form its next group meanwhile and nothing is leaked for good.
+    std::thread([pg = std::move(group->pg), store = std::move(group->store)]() mutable {
+      try {
+        pg.reset();
+        store.reset();
+      } catch (...) {
+      }
+    }).detach();
   }
   delete group;
 }

@@ -3,7 +3,7 @@
 
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -16,7 +16,7 @@ namespace axial {
 // A process group handle as Rust sees it: the backend, the store it formed through (kept
 // alive as long as the group), and the timeout every collective waits at most.
 struct Group {
-  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> pg;
   std::chrono::milliseconds timeout;
   // Gloo's coalesced all-reduce takes CPU tensors only: CUDA tensors are copied through the

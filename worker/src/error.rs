@@ -42,6 +42,11 @@ pub enum Error {
     #[error(transparent)]
     Collective(#[from] crate::collective::CollectiveError),
 
+    /// The group of a generation could not be formed (the rendezvous store, or the backend's
+    /// set-up: an address that does not resolve, a GPU or NCCL this machine lacks).
+    #[error("collective set-up failed: {0}")]
+    Setup(String),
+
     /// The coordinator refused or could not be reached.
     #[error("coordinator: {0}")]
     Coordinator(String),

@@ -1,8 +1,14 @@
 //! `axial-worker join`: one rank of a distributed job. Joins the coordinator (authenticated by
 //! the job token), receives rank, world, generation, the resolved job and the resume point,
-//! forms the collective group (rank 0 hosts the rendezvous store and publishes its address
-//! through the coordinator: no fixed ports, no side door), then runs the training loop with
-//! all-reduce, heartbeats and checkpoint votes.
+//! forms the collective group through the coordinator's rendezvous store (`crate::rendezvous`:
+//! no fixed ports, no store listening on any worker, no side door), then runs the training
+//! loop with all-reduce, heartbeats and checkpoint votes.
+//!
+//! Addresses: the other ranks reach this one on the address it advertises: `--host`, or by
+//! default the local address of the route to the coordinator (the interface the cluster's
+//! traffic takes), or the address of `--iface`. Gloo binds its device there; NCCL picks the
+//! interface named by `--iface` (`NCCL_SOCKET_IFNAME`). A loopback address advertised to a
+//! coordinator on another host is refused at start, and by the coordinator.
 //!
 //! A generation can end under a worker: the coordinator aborts it (a member lost or restarted,
 //! a new member), a collective fails because a peer died or hung past the timeout, or the
@@ -22,9 +28,7 @@ use axial_common::JobConfig;
 use axial_common::checkpoint::{FileEntry, Position};
 use axial_common::hparams::HyperParameterChange;
 use axial_proto::v1::coordinator_client::CoordinatorClient;
-use axial_proto::v1::{
-    self, HeartbeatRequest, JoinReply, JoinRequest, LeaveRequest, PublishStoreRequest, VoteRequest,
-};
+use axial_proto::v1::{self, HeartbeatRequest, JoinReply, JoinRequest, LeaveRequest, VoteRequest};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -45,9 +49,19 @@ pub struct JoinArgs {
     /// This worker's id (default: host name and process id).
     #[arg(long)]
     pub worker_id: Option<String>,
-    /// Address the other ranks reach this one on (the collective's traffic).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
+    /// Address the other ranks reach this one on (the collective's traffic). Default: the
+    /// local address of the route to the coordinator.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Network interface for the collective's traffic (e.g. eth1): Gloo's device is bound to
+    /// it and NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME are set to it unless already set. The
+    /// advertised address is then the interface's.
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Consecutive generations whose group cannot be formed (an address that does not resolve,
+    /// a backend this machine lacks) before the worker gives up with the error.
+    #[arg(long, default_value_t = 3)]
+    pub max_setup_failures: u32,
     /// Seconds a collective may wait for a peer before failing.
     #[arg(long, default_value_t = 120)]
     pub collective_timeout: u64,
@@ -83,7 +97,7 @@ pub struct JoinArgs {
 }
 
 #[derive(Clone)]
-struct Token(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub(crate) struct Token(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
 impl Interceptor for Token {
     fn call(
@@ -95,7 +109,7 @@ impl Interceptor for Token {
     }
 }
 
-type Client = CoordinatorClient<InterceptedService<Channel, Token>>;
+pub(crate) type Client = CoordinatorClient<InterceptedService<Channel, Token>>;
 
 /// The liveness thread of one generation. It heartbeats every second whatever the training
 /// thread is doing (computing, or blocked in a collective), so the coordinator can declare a
@@ -144,6 +158,7 @@ impl Liveness {
                             phase: "alive".into(),
                             ..Default::default()
                         };
+                        let req = axial_proto::deadline::call(req);
                         let over = match rt.block_on(c.heartbeat(req)) {
                             Ok(r) => r.get_ref().abort,
                             // A restarted coordinator does not know this generation.
@@ -214,6 +229,8 @@ struct Session {
     patience: Duration,
     /// The last step reported (the liveness thread sends it too).
     step: Arc<AtomicU64>,
+    /// The address this worker advertises for the collective's traffic.
+    host: String,
 }
 
 /// Whether a failed call means the coordinator is (for now) out of reach.
@@ -302,8 +319,9 @@ impl Session {
                 incarnation: self.incarnation,
                 abandoned_generation: gen_,
                 reason,
+                host: self.host.clone(),
             };
-            match self.call(|mut c| async move { c.join(req).await }) {
+            match self.call(|mut c| async move { c.join(axial_proto::deadline::call(req)).await }) {
                 Ok(r) => {
                     abandoned = None;
                     unreachable_since = None;
@@ -346,7 +364,8 @@ impl Coordination for Session {
             loss,
             images_per_second,
         };
-        let reply = self.call(|mut c| async move { c.heartbeat(req).await })?;
+        let reply =
+            self.call(|mut c| async move { c.heartbeat(axial_proto::deadline::call(req)).await })?;
         if reply.abort {
             return Err(Error::Regroup(format!(
                 "generation {} was aborted by the coordinator",
@@ -378,7 +397,9 @@ impl Coordination for Session {
             folder: folder.map(|f| f.display().to_string()).unwrap_or_default(),
             position_json: serde_json::to_string(&pos).unwrap_or_default(),
         };
-        let reply = match self.call(|mut c| async move { c.vote(req).await }) {
+        let reply = match self
+            .call(|mut c| async move { c.vote(axial_proto::deadline::call(req)).await })
+        {
             Err(Error::Coordinator(m)) if m.starts_with("FailedPrecondition") => {
                 return Err(Error::Regroup(m));
             }
@@ -414,13 +435,43 @@ fn incarnation() -> u64 {
 /// the job is not (bad configuration, data or checkpoints are final).
 fn regroupable(e: &Error) -> bool {
     match e {
-        Error::Regroup(_) | Error::Collective(_) => true,
+        Error::Regroup(_) | Error::Collective(_) | Error::Setup(_) => true,
         Error::Torch(t) => crate::collective::is_collective_failure(t),
         _ => false,
     }
 }
 
+/// A set-up error that joining again cannot heal: this machine's address, interface, GPU or
+/// build is at fault, not the group.
+fn permanent_setup_error(message: &str) -> bool {
+    [
+        "Cannot resolve",
+        "Cannot assign requested address",
+        "no NCCL backend",
+        "only supported with GPUs",
+        "has no GPU cuda:",
+        "Unable to find address for",
+        "no such interface",
+    ]
+    .iter()
+    .any(|needle| message.contains(needle))
+}
+
+/// Sets an environment variable at start-up, unless the user set it.
+#[allow(unsafe_code)]
+fn default_env(key: &str, value: &str) {
+    if std::env::var_os(key).is_none() {
+        // SAFETY: called from `join` before it starts any thread (runtime, liveness, loaders).
+        unsafe { std::env::set_var(key, value) };
+    }
+}
+
 pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
+    if let Some(iface) = &args.iface {
+        // NCCL's bootstrap and data sockets, and Gloo's (for tools that read the variable).
+        default_env("NCCL_SOCKET_IFNAME", iface);
+        default_env("GLOO_SOCKET_IFNAME", iface);
+    }
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("token file {}", args.token_file.display()))?;
     let token = token.trim();
@@ -443,9 +494,6 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let endpoint = axial_proto::tls::endpoint(
         &args.coordinator,
         &axial_proto::tls::ClientFiles {
@@ -456,6 +504,23 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         },
     )
     .map_err(anyhow::Error::msg)?;
+    let coordinator =
+        crate::address::coordinator_addr(endpoint.uri()).map_err(anyhow::Error::msg)?;
+    let advertised =
+        crate::address::advertised(args.host.as_deref(), args.iface.as_deref(), coordinator)
+            .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "{worker_id}: advertising {} for the collective ({}{})",
+        advertised.host,
+        advertised.how,
+        match &advertised.local {
+            crate::collective::Local::Interface(i) => format!("; Gloo on interface {i}"),
+            crate::collective::Local::Host(_) => String::new(),
+        }
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut session = Session {
         rt,
         endpoint,
@@ -467,11 +532,13 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         changes: Vec::new(),
         patience: Duration::from_secs(args.wait_coordinator),
         step: Arc::new(AtomicU64::new(0)),
+        host: advertised.host.clone(),
     };
     let metrics = WorkerMetrics::new();
     let mut serving_metrics = false;
     let mut abandoned = None;
     let mut regroups = 0u64;
+    let mut setup_failures = 0u32;
     loop {
         let reply = session.rendezvous(abandoned.take())?;
         if reply.status == v1::join_reply::Status::Finished as i32 {
@@ -480,10 +547,45 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         }
         session.generation = reply.generation;
         session.changes = reply.changes.iter().map(Into::into).collect();
-        match run_generation(&mut session, args, &reply, &metrics, &mut serving_metrics) {
+        let result = run_generation(
+            &mut session,
+            args,
+            &advertised.local,
+            &reply,
+            &metrics,
+            &mut serving_metrics,
+        );
+        match result {
             Ok(()) => break,
+            Err(Error::Setup(why))
+                if permanent_setup_error(&why) || setup_failures + 1 >= args.max_setup_failures =>
+            {
+                let attempts = setup_failures + 1;
+                let reason = format!(
+                    "collective set-up failed in {attempts} generation(s) in a row{}: {why}",
+                    if permanent_setup_error(&why) {
+                        " (joining again cannot fix this)"
+                    } else {
+                        ""
+                    }
+                );
+                let req = LeaveRequest {
+                    worker_id: worker_id.clone(),
+                    finished: false,
+                    reason: reason.clone(),
+                };
+                // The coordinator shows why; the worker stops either way.
+                let _ = session
+                    .call(|mut c| async move { c.leave(axial_proto::deadline::call(req)).await });
+                bail!("{worker_id}: {reason}");
+            }
             Err(e) if regroupable(&e) => {
                 regroups += 1;
+                if matches!(e, Error::Setup(_)) {
+                    setup_failures += 1;
+                } else {
+                    setup_failures = 0;
+                }
                 eprintln!(
                     "{worker_id}: generation {} ended: {e}; joining again (re-formation {regroups})",
                     reply.generation
@@ -497,16 +599,18 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
     let req = LeaveRequest {
         worker_id,
         finished: true,
+        reason: String::new(),
     };
-    session.call(|mut c| async move { c.leave(req).await })?;
+    session.call(|mut c| async move { c.leave(axial_proto::deadline::call(req)).await })?;
     Ok(())
 }
 
-/// One generation: form the group, train (from the committed checkpoint, if any) to the end of
-/// the job, and wait for every rank's final vote.
+/// One generation: form the group through the coordinator's rendezvous store, train (from the
+/// committed checkpoint, if any) to the end of the job, and wait for every rank's final vote.
 fn run_generation(
     session: &mut Session,
     args: &JoinArgs,
+    local: &crate::collective::Local,
     reply: &JoinReply,
     metrics: &WorkerMetrics,
     serving_metrics: &mut bool,
@@ -523,30 +627,6 @@ fn run_generation(
         job.metrics.listen.clone_from(m);
     }
     let timeout = Duration::from_secs(args.collective_timeout);
-    let store = if rank == 0 {
-        let store = Store::new(&args.host, 0, 0, world, timeout)?;
-        let req = PublishStoreRequest {
-            worker_id: worker_id.clone(),
-            generation: reply.generation,
-            host: args.host.clone(),
-            port: u32::from(store.port()),
-        };
-        session.call(|mut c| async move { c.publish_store(req).await })?;
-        store
-    } else {
-        let mut r = reply.clone();
-        while r.store_port == 0 {
-            std::thread::sleep(Duration::from_millis(100));
-            r = session.rendezvous(None)?;
-            if r.generation != reply.generation {
-                return Err(Error::Regroup(format!(
-                    "the group changed while forming (generation {} -> {})",
-                    reply.generation, r.generation
-                )));
-            }
-        }
-        Store::new(&r.store_host, r.store_port as u16, rank, world, timeout)?
-    };
     let device = crate::forward::parse_device(&job.train.device).map_err(|m| Error::BadTensor {
         path: PathBuf::from("train.device"),
         message: m,
@@ -556,7 +636,24 @@ fn run_generation(
         "nccl" => Backend::Nccl,
         _ => Backend::for_device(device),
     };
-    let group = Arc::new(ProcessGroup::new(&store, backend)?);
+    let kv = crate::rendezvous::CoordinatorStore::connect(
+        &session.endpoint,
+        session.token.clone(),
+        &worker_id,
+        reply.generation,
+        liveness.ended.clone(),
+    )
+    .map_err(Error::Setup)?;
+    let store = Store::key_value(Box::new(kv), rank, world, timeout);
+    let group = ProcessGroup::new(&store, backend, local, device).map_err(|e| {
+        // Aborted because the generation ended meanwhile: re-form, not a set-up fault.
+        if e.message.contains("aborted:") || e.message.contains("FailedPrecondition") {
+            Error::Regroup(e.to_string())
+        } else {
+            Error::Setup(e.to_string())
+        }
+    })?;
+    let group = Arc::new(group);
     liveness.watch(&group);
     eprintln!(
         "{worker_id}: rank {rank} of {world}, generation {}, {} on {device:?}",

@@ -4,14 +4,17 @@
 //!   PyTorch names, attention maps.
 //! - [`forward`]: `axial-worker forward`, running a model on tensors from files (checking an
 //!   imported checkpoint; cross-framework parity).
-//! - [`collective`]: c10d process groups (Gloo) through the C++ shim, and DDP semantics.
+//! - [`collective`]: c10d process groups (Gloo, NCCL) through the C++ shim, and DDP semantics.
 //! - [`data`]: datasets (builtin, image folder, tar shards, CIFAR-10, MNIST), manifests,
 //!   augmentation and the threaded loader.
 //! - [`train`]: the training step and the recipe's optimizer.
 //! - [`metrics`]: the worker's Prometheus metrics and `/metrics` endpoint.
 //! - [`demo`]: `axial-worker demo`, a few training steps on a random batch (no data needed).
+//! - [`join`]: `axial-worker join`, one rank of a distributed job; [`rendezvous`]: the
+//!   coordinator's rendezvous store under c10d; [`address`]: the address a rank advertises.
 //! - [`error::Error`]: the crate's one error type.
 
+pub mod address;
 pub mod collective;
 pub mod commands;
 pub mod data;
@@ -21,6 +24,7 @@ pub mod forward;
 pub mod join;
 pub mod metrics;
 pub mod model;
+pub mod rendezvous;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -19,6 +19,8 @@ pub enum Phase {
     DataWait,
     Forward,
     Backward,
+    /// Waiting for the gradient all-reduce after backward (what overlap did not hide).
+    AllReduceWait,
     Optimizer,
 }
 
@@ -37,7 +39,7 @@ pub struct WorkerMetrics {
     pub eval_top5: Gauge,
     pub eval_loss: Gauge,
     pub checkpoint_seconds: Histogram,
-    phases: [Histogram; 4],
+    phases: [Histogram; 5],
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -69,7 +71,8 @@ impl WorkerMetrics {
         r.describe_histogram(
             "axial_worker_step_phase_seconds".into(),
             Some(Unit::Seconds),
-            "Time of each phase of a training step: data_wait, forward, backward, optimizer."
+            "Time of each phase of a training step: data_wait, forward, backward, \
+             allreduce_wait (the gradient all-reduce after backward), optimizer."
                 .into(),
         );
         let phase = |p: &'static str| {
@@ -148,6 +151,7 @@ impl WorkerMetrics {
                 phase("data_wait"),
                 phase("forward"),
                 phase("backward"),
+                phase("allreduce_wait"),
                 phase("optimizer"),
             ],
             recorder: r,

@@ -14,7 +14,9 @@ use axial_common::job::SyncBn;
 use axial_worker::collective::ddp::{
     BUCKET_BYTES, allreduce_gradients, average_buffers, broadcast_state,
 };
-use axial_worker::collective::{Backend, ProcessGroup, Store, nccl_compiled};
+use axial_worker::collective::{
+    Backend, KeyValue, KvOp, KvReply, Local, ProcessGroup, Store, nccl_compiled,
+};
 use axial_worker::model::batch_norm::SyncContext;
 use axial_worker::model::{Model, cross_entropy};
 use axial_worker::train::optim::Optimizer;
@@ -93,7 +95,13 @@ fn join_with(c: &Child_, backend: Backend) -> ProcessGroup {
     if c.rank == 0 {
         println!("AXIAL_PORT={}", store.port());
     }
-    ProcessGroup::new(&store, backend).expect("join the group")
+    ProcessGroup::new(
+        &store,
+        backend,
+        &Local::Host("127.0.0.1".into()),
+        Device::Cuda(0),
+    )
+    .expect("join the group")
 }
 
 #[test]
@@ -390,7 +398,7 @@ fn nccl_without_a_gpu_fails_cleanly() {
         return;
     }
     let store = Store::new("127.0.0.1", 0, 0, 1, TIMEOUT).expect("store");
-    let err = ProcessGroup::nccl(&store).expect_err("NCCL without a GPU");
+    let err = ProcessGroup::nccl(&store, 0).expect_err("NCCL without a GPU");
     println!("NCCL compiled in: {}; error: {err}", nccl_compiled());
     let text = err.to_string();
     if nccl_compiled() {
@@ -411,7 +419,7 @@ fn gpu_nccl_world_one_smoke() {
     }
     let dev = Device::Cuda(0);
     let store = Store::new("127.0.0.1", 0, 0, 1, TIMEOUT).expect("store");
-    let pg = Arc::new(ProcessGroup::nccl(&store).expect("NCCL group"));
+    let pg = Arc::new(ProcessGroup::nccl(&store, 0).expect("NCCL group"));
     assert_eq!(pg.backend(), Backend::Nccl);
     let a = Tensor::full([4], 3.0, (Kind::Float, dev));
     let b = Tensor::arange(1000, (Kind::Float, dev));
@@ -564,4 +572,136 @@ fn overlapped_allreduce_equals_allreduce_after_backward() {
         println!("rank {r}: overlapped vs after backward, max |diff| = {worst:e}");
         assert_eq!(worst, 0.0, "rank {r}");
     }
+}
+
+/// An in-memory key-value store, as the coordinator's rendezvous store behaves (values wait
+/// for their key), that counts the operations made through it.
+#[derive(Default)]
+struct MemoryStore {
+    keys: std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
+    changed: std::sync::Condvar,
+    ops: std::sync::atomic::AtomicUsize,
+}
+
+/// A handle on a shared [`MemoryStore`] (each rank's store holds one).
+struct Shared(Arc<MemoryStore>);
+
+impl KeyValue for Shared {
+    fn apply(&self, op: KvOp, timeout: Duration) -> Result<KvReply, String> {
+        self.0.apply(op, timeout)
+    }
+}
+
+impl MemoryStore {
+    fn apply(&self, op: KvOp, timeout: Duration) -> Result<KvReply, String> {
+        self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        let mut keys = self.keys.lock().map_err(|e| e.to_string())?;
+        let reply = match op {
+            KvOp::Set { key, value } => {
+                keys.insert(key, value);
+                KvReply::Done
+            }
+            KvOp::Get { key } => loop {
+                if let Some(v) = keys.get(&key) {
+                    break KvReply::Value(v.clone());
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break KvReply::TimedOut;
+                }
+                keys = self
+                    .changed
+                    .wait_timeout(keys, left)
+                    .map_err(|e| e.to_string())?
+                    .0;
+            },
+            KvOp::Wait { keys: wanted } => loop {
+                if wanted.iter().all(|k| keys.contains_key(k)) {
+                    break KvReply::Done;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break KvReply::TimedOut;
+                }
+                keys = self
+                    .changed
+                    .wait_timeout(keys, left)
+                    .map_err(|e| e.to_string())?
+                    .0;
+            },
+            KvOp::Add { key, amount } => {
+                let now: i64 = keys
+                    .get(&key)
+                    .and_then(|v| String::from_utf8_lossy(v).parse().ok())
+                    .unwrap_or(0)
+                    + amount;
+                keys.insert(key, now.to_string().into_bytes());
+                KvReply::Number(now)
+            }
+            KvOp::Check { keys: wanted } => {
+                KvReply::Number(i64::from(wanted.iter().all(|k| keys.contains_key(k))))
+            }
+            KvOp::Delete { key } => KvReply::Number(i64::from(keys.remove(&key).is_some())),
+            KvOp::CompareSet {
+                key,
+                expected,
+                value,
+            } => match keys.get(&key).cloned() {
+                Some(current) if current == expected => {
+                    keys.insert(key, value.clone());
+                    KvReply::Value(value)
+                }
+                Some(current) => KvReply::Value(current),
+                None if expected.is_empty() => {
+                    keys.insert(key, value.clone());
+                    KvReply::Value(value)
+                }
+                None => KvReply::Value(expected),
+            },
+            KvOp::NumKeys => KvReply::Number(keys.len() as i64),
+        };
+        self.changed.notify_all();
+        Ok(reply)
+    }
+}
+
+/// Gloo bootstraps through a store made in Rust (the path every worker takes, with the
+/// coordinator's store behind it): two ranks in two threads form a group, all-reduce, and the
+/// store saw the operations; a store that never answers fails the group's set-up within the
+/// timeout instead of hanging.
+#[test]
+fn gloo_forms_through_a_key_value_store_made_in_rust() {
+    let memory = Arc::new(MemoryStore::default());
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let memory = memory.clone();
+            std::thread::spawn(move || {
+                let store = Store::key_value(Box::new(Shared(memory)), rank, 2, TIMEOUT);
+                let pg = ProcessGroup::gloo(&store, &Local::Host("127.0.0.1".into()))
+                    .expect("group through the key-value store");
+                let t = Tensor::full([3], (rank + 1) as f64, (Kind::Float, Device::Cpu));
+                pg.allreduce_sum(&[t.shallow_clone()]).expect("all-reduce");
+                t.double_value(&[0])
+            })
+        })
+        .collect();
+    for r in ranks {
+        assert_eq!(r.join().expect("rank thread"), 3.0);
+    }
+    let ops = memory.ops.load(std::sync::atomic::Ordering::Relaxed);
+    println!("store operations for a 2-rank Gloo group: {ops}");
+    assert!(ops >= 4, "{ops}");
+
+    // Rank 1 of 2 alone: its peer's address never appears.
+    let lonely = Store::key_value(
+        Box::new(Shared(Arc::new(MemoryStore::default()))),
+        1,
+        2,
+        Duration::from_secs(2),
+    );
+    let start = Instant::now();
+    let err = ProcessGroup::gloo(&lonely, &Local::Host("127.0.0.1".into())).expect_err("no peer");
+    println!("{err} (after {:.1} s)", start.elapsed().as_secs_f64());
+    assert!(start.elapsed() < Duration::from_secs(30));
 }

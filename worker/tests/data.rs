@@ -270,3 +270,112 @@ fn builtin_is_not_linearly_separable_on_pixels() {
         "a linear model reaches {val_acc} on the builtin data: too easy"
     );
 }
+
+/// Mean number of distinct labels per batch of `batch` over the first `batches` batches of
+/// epoch 0, read through the sources themselves (labels as the loader sees them).
+fn distinct_labels_per_batch(
+    source: &dyn Source,
+    data: &axial_common::job::DataConfig,
+    batch: u64,
+    batches: u64,
+) -> f64 {
+    let layout = axial_worker::data::layout(source, data);
+    let plan = axial_common::plan::EpochPlan::new(&layout, 7, 0);
+    let mut total = 0;
+    for b in 0..batches {
+        let mut labels: Vec<i64> = plan
+            .samples(b * batch, (b + 1) * batch)
+            .iter()
+            .map(|&i| source.get(i as usize).expect("sample").label)
+            .collect();
+        labels.sort();
+        labels.dedup();
+        total += labels.len();
+    }
+    total as f64 / batches as f64
+}
+
+fn data_config(format: &str, path: &Path, extra: &str) -> axial_common::job::DataConfig {
+    let text = format!(
+        "format = \"{format}\"\ntrain = \"{}\"\nval = \"{}\"\n{extra}",
+        path.display(),
+        path.display()
+    );
+    toml::from_str(&text).expect("data config")
+}
+
+/// Real data sets are stored class by class. Batches drawn from a class-sorted image folder,
+/// and from tar shards that each hold one class, must mix the classes about as a uniform
+/// shuffle does (10 classes, batches of 32: 9.66 distinct labels expected). The order that
+/// once kept runs of 1,000 neighbouring samples together gave 1 or 2 here.
+#[test]
+fn class_sorted_sources_give_mixed_batches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (classes, per_class, batch) = (10usize, 120usize, 32u64);
+    let uniform = 10.0 * (1.0 - 0.9f64.powi(batch as i32));
+    let mut png = Vec::new();
+    image::GrayImage::from_pixel(4, 4, image::Luma([9]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("encode");
+    // An image folder: class 0's files, then class 1's, ...
+    let folder = dir.path().join("folder");
+    for c in 0..classes {
+        let d = folder.join(format!("class{c:02}"));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        for i in 0..per_class {
+            std::fs::write(d.join(format!("{i:04}.png")), &png).expect("write");
+        }
+    }
+    let source = ImageFolder::open(&folder).expect("open");
+    let config = data_config("imagefolder", &folder, "");
+    let d = distinct_labels_per_batch(&source, &config, batch, 30);
+    assert!(d > 0.95 * uniform, "image folder: {d} of {uniform}");
+    // Tar shards, one class each.
+    let shards = dir.path().join("shards");
+    std::fs::create_dir_all(&shards).expect("mkdir");
+    for c in 0..classes {
+        let file = std::fs::File::create(shards.join(format!("class-{c:02}.tar"))).expect("tar");
+        let mut tar = tar::Builder::new(file);
+        for i in 0..per_class {
+            tar_append(&mut tar, &format!("{c:02}{i:04}.png"), &png);
+            tar_append(
+                &mut tar,
+                &format!("{c:02}{i:04}.cls"),
+                c.to_string().as_bytes(),
+            );
+        }
+        tar.finish().expect("finish");
+    }
+    let source = WebDataset::open(&shards.to_string_lossy()).expect("open");
+    // The default window (16 shards) holds every class open.
+    let d = distinct_labels_per_batch(&source, &data_config("webdataset", &shards, ""), batch, 30);
+    assert!(
+        d > 0.9 * uniform,
+        "tar shards, default window: {d} of {uniform}"
+    );
+    // A window of 4 shards mixes at least the 4 classes it holds.
+    let d = distinct_labels_per_batch(
+        &source,
+        &data_config(
+            "webdataset",
+            &shards,
+            "shard_window = 4\nshuffle_buffer = 64\n",
+        ),
+        batch,
+        30,
+    );
+    let of_four = 4.0 * (1.0 - 0.75f64.powi(batch as i32));
+    assert!(d > 0.95 * of_four, "tar shards, window 4: {d} of {of_four}");
+    // Without a window or buffer the shards stay one class each: the check can fail.
+    let d = distinct_labels_per_batch(
+        &source,
+        &data_config(
+            "webdataset",
+            &shards,
+            "shard_window = 1\nshuffle_buffer = 0\n",
+        ),
+        batch,
+        30,
+    );
+    assert!(d < 1.5, "unmixed shards: {d}");
+}

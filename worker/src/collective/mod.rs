@@ -4,14 +4,17 @@
 //! against the CUDA libtorch. CPU tests run the very code path PyTorch DDP runs. Every call has a timeout: a collective whose
 //! peer died fails with an error instead of hanging.
 //!
-//! - [`Store`] and [`ProcessGroup`]: rendezvous through a TCP store hosted by rank 0,
-//!   all-reduce (sum, coalesced over a list), broadcast, barrier.
+//! - [`Store`] and [`ProcessGroup`]: rendezvous through a key-value store, all-reduce (sum,
+//!   coalesced over a list), broadcast, barrier. A worker's store is the coordinator's
+//!   ([`Store::key_value`] over [`KeyValue`], see `crate::join`); tests and benchmarks may use a
+//!   c10d TCPStore hosted by rank 0 ([`Store::new`]).
 //! - [`ddp`]: data-parallel semantics on top: rank 0's weights and buffers broadcast to all,
 //!   gradients all-reduced in ~25 MB buckets in reverse parameter order, running statistics
 //!   averaged.
 //!
-//! The group's bootstrap goes through the coordinator (`crate::join`): rank 0 hosts the store
-//! on a free port and publishes it with the job token.
+//! The group's bootstrap goes through the coordinator (`crate::join`): the store is the
+//! coordinator's rendezvous store of the generation, reached with the job token; no worker
+//! listens for it. Each rank's Gloo device is bound to its own address ([`Local`]).
 
 pub mod ddp;
 pub mod reducer;
@@ -36,9 +39,16 @@ mod ffi {
             err_len: usize,
         ) -> *mut c_void;
         pub fn axial_store_free(store: *mut c_void);
+        pub fn axial_kv_store_new(
+            ctx: *mut c_void,
+            op: super::KvOpFn,
+            release: super::KvFreeFn,
+            timeout_ms: i64,
+        ) -> *mut c_void;
         pub fn axial_gloo_new(
             store: *mut c_void,
             host: *const c_char,
+            iface: *const c_char,
             rank: c_int,
             world: c_int,
             timeout_ms: i64,
@@ -50,6 +60,7 @@ mod ffi {
             store: *mut c_void,
             rank: c_int,
             world: c_int,
+            device: c_int,
             timeout_ms: i64,
             err: *mut c_char,
             err_len: usize,
@@ -101,11 +112,10 @@ pub struct CollectiveError {
     pub message: String,
 }
 
-/// The rendezvous store (c10d TCPStore): rank 0 hosts it, the others connect. Created before
-/// the group so that rank 0 can publish the port it got before the group's rendezvous blocks.
+/// A rendezvous store (a c10d Store) that process groups bootstrap through. Created before the
+/// group; the group keeps its own reference.
 pub struct Store {
     ptr: *mut c_void,
-    host: CString,
     rank: usize,
     world: usize,
     port: u16,
@@ -121,9 +131,189 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// One operation on a [`KeyValue`] store, with c10d's Store semantics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvOp {
+    Set {
+        key: String,
+        value: Vec<u8>,
+    },
+    /// The value, waiting for the key to be set.
+    Get {
+        key: String,
+    },
+    Add {
+        key: String,
+        amount: i64,
+    },
+    Check {
+        keys: Vec<String>,
+    },
+    /// Wait until every key is set.
+    Wait {
+        keys: Vec<String>,
+    },
+    Delete {
+        key: String,
+    },
+    CompareSet {
+        key: String,
+        expected: Vec<u8>,
+        value: Vec<u8>,
+    },
+    NumKeys,
+}
+
+/// What a [`KvOp`] gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvReply {
+    Done,
+    Value(Vec<u8>),
+    Number(i64),
+    /// GET or WAIT: the keys were not set within the timeout.
+    TimedOut,
+}
+
+/// A key-value store made in Rust (the coordinator's rendezvous store), for [`Store::key_value`].
+/// Called from whichever thread the process group uses, possibly several at once.
+pub trait KeyValue: Send + Sync {
+    /// Applies `op`; GET and WAIT wait up to `timeout`.
+    fn apply(&self, op: KvOp, timeout: Duration) -> Result<KvReply, String>;
+}
+
+type KvSinkFn = unsafe extern "C" fn(*mut c_void, *const u8, usize);
+type KvOpFn = unsafe extern "C" fn(
+    *mut c_void,
+    c_int,
+    *const *const c_char,
+    *const usize,
+    usize,
+    *const u8,
+    usize,
+    *const u8,
+    usize,
+    i64,
+    i64,
+    *mut c_void,
+    KvSinkFn,
+    *mut i64,
+    *mut c_char,
+    usize,
+) -> c_int;
+type KvFreeFn = unsafe extern "C" fn(*mut c_void);
+
+/// The shim's callback for one store operation (codes of `axial.v1.StoreRequest.Op`).
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe extern "C" fn kv_op(
+    ctx: *mut c_void,
+    op: c_int,
+    keys: *const *const c_char,
+    key_lens: *const usize,
+    nkeys: usize,
+    value: *const u8,
+    value_len: usize,
+    expected: *const u8,
+    expected_len: usize,
+    amount: i64,
+    timeout_ms: i64,
+    sink: *mut c_void,
+    sink_fn: KvSinkFn,
+    number: *mut i64,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    let fail = |message: &str, code: c_int| {
+        let bytes = message.as_bytes();
+        let n = bytes.len().min(err_len.saturating_sub(1));
+        // SAFETY: err has err_len bytes; we write n < err_len bytes and a NUL.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr().cast::<c_char>(), err, n);
+            *err.add(n) = 0;
+        }
+        code
+    };
+    // SAFETY: the shim passes `nkeys` (pointer, length) pairs and byte buffers that live for the
+    // call, and the context made by Store::key_value.
+    let (kv, keys, value, expected) = unsafe {
+        let kv = &*(ctx as *const Box<dyn KeyValue>);
+        let bytes = |p: *const u8, n: usize| {
+            if n == 0 {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(p, n).to_vec()
+            }
+        };
+        let mut list = Vec::with_capacity(nkeys);
+        for i in 0..nkeys {
+            let k = bytes((*keys.add(i)).cast::<u8>(), *key_lens.add(i));
+            match String::from_utf8(k) {
+                Ok(k) => list.push(k),
+                Err(_) => return fail("a store key is not UTF-8", 1),
+            }
+        }
+        (
+            kv,
+            list,
+            bytes(value, value_len),
+            bytes(expected, expected_len),
+        )
+    };
+    let named = keys.join(", ");
+    let first = || keys.first().cloned().unwrap_or_default();
+    let op = match op {
+        0 => KvOp::Set {
+            key: first(),
+            value,
+        },
+        1 => KvOp::Get { key: first() },
+        2 => KvOp::Add {
+            key: first(),
+            amount,
+        },
+        3 => KvOp::Check { keys },
+        4 => KvOp::Wait { keys },
+        5 => KvOp::Delete { key: first() },
+        6 => KvOp::CompareSet {
+            key: first(),
+            expected,
+            value,
+        },
+        7 => KvOp::NumKeys,
+        other => return fail(&format!("unknown store operation {other}"), 1),
+    };
+    let timeout = Duration::from_millis(timeout_ms.max(0) as u64);
+    // A panic must not unwind into C++.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kv.apply(op, timeout))) {
+        Ok(Ok(KvReply::Done)) => 0,
+        Ok(Ok(KvReply::Value(v))) => {
+            // SAFETY: the shim's sink copies the bytes during the call.
+            unsafe { sink_fn(sink, v.as_ptr(), v.len()) };
+            0
+        }
+        Ok(Ok(KvReply::Number(n))) => {
+            // SAFETY: a valid out-pointer for the call.
+            unsafe { *number = n };
+            0
+        }
+        Ok(Ok(KvReply::TimedOut)) => fail(
+            &format!("keys [{named}] not set within {} ms", timeout.as_millis()),
+            2,
+        ),
+        Ok(Err(message)) => fail(&message, 1),
+        Err(_) => fail("the store operation panicked", 1),
+    }
+}
+
+#[allow(unsafe_code)]
+unsafe extern "C" fn kv_free(ctx: *mut c_void) {
+    // SAFETY: made by Box::into_raw in Store::key_value, released once by the shim.
+    drop(unsafe { Box::from_raw(ctx as *mut Box<dyn KeyValue>) });
+}
+
 impl Store {
-    /// Rank 0 listens on `host:port` (`port` 0 picks a free one: see [`Self::port`]); the
-    /// others connect to it. Every later call fails after `timeout` instead of waiting forever.
+    /// A c10d TCPStore: rank 0 listens on `host:port` (`port` 0 picks a free one: see
+    /// [`Self::port`]); the others connect to it. Every later call fails after `timeout`
+    /// instead of waiting forever. For tests and benchmarks: it has no authentication.
     #[allow(unsafe_code)]
     pub fn new(
         host: &str,
@@ -156,7 +346,6 @@ impl Store {
         })?;
         Ok(Self {
             ptr,
-            host,
             rank,
             world,
             port: bound as u16,
@@ -164,7 +353,24 @@ impl Store {
         })
     }
 
-    /// The port the store listens on (rank 0) or connected to.
+    /// A store whose operations `kv` makes (the coordinator's rendezvous store): nothing
+    /// listens on this machine. `timeout` bounds every wait for keys.
+    #[allow(unsafe_code)]
+    pub fn key_value(kv: Box<dyn KeyValue>, rank: usize, world: usize, timeout: Duration) -> Self {
+        let ctx = Box::into_raw(Box::new(kv)) as *mut c_void;
+        // SAFETY: the shim owns ctx from here and releases it with kv_free.
+        let ptr =
+            unsafe { ffi::axial_kv_store_new(ctx, kv_op, kv_free, timeout.as_millis() as i64) };
+        Self {
+            ptr,
+            rank,
+            world,
+            port: 0,
+            timeout,
+        }
+    }
+
+    /// The port a TCPStore listens on (rank 0) or connected to; 0 for a key-value store.
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -173,9 +379,19 @@ impl Store {
 impl Drop for Store {
     #[allow(unsafe_code)]
     fn drop(&mut self) {
-        // SAFETY: created by axial_store_new, released once; the group holds its own reference.
+        // SAFETY: created by axial_store_new or axial_kv_store_new, released once; the group
+        // holds its own reference.
         unsafe { ffi::axial_store_free(self.ptr) }
     }
+}
+
+/// Where this rank's Gloo device listens for its peers (never the store's address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Local {
+    /// The address a host name or IP resolves to on this machine.
+    Host(String),
+    /// A network interface (its first address), as GLOO_SOCKET_IFNAME selects.
+    Interface(String),
 }
 
 /// Which c10d backend a group runs on.
@@ -217,6 +433,30 @@ pub struct ProcessGroup {
     rank: usize,
     world: usize,
     backend: Backend,
+    /// Gloo: the sockets the group opened (its listener and its connections to the peers), as
+    /// (descriptor, socket inode), so that [`Self::abort`] can cut them.
+    sockets: Vec<(i32, u64)>,
+}
+
+/// This process's socket descriptors and their inodes (from /proc/self/fd).
+fn socket_inodes() -> Vec<(i32, u64)> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            let inode = target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()?;
+            Some((fd, inode))
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -264,9 +504,14 @@ pub(crate) fn call(
         return Ok(());
     }
     // SAFETY: the shim NUL-terminates within the buffer.
-    let message = unsafe { CStr::from_ptr(err.as_ptr()) }
-        .to_string_lossy()
-        .into_owned();
+    let full = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+    // c10's errors carry the C++ stack after their message: keep the message.
+    let message = full
+        .split("\nException raised from")
+        .next()
+        .unwrap_or_default()
+        .trim_end()
+        .to_owned();
     Err(CollectiveError {
         op,
         rank,
@@ -276,17 +521,31 @@ pub(crate) fn call(
 }
 
 impl ProcessGroup {
-    /// Joins a Gloo group through `store`; blocks until every rank has joined (or the store's
-    /// timeout passes).
+    /// Joins a Gloo group through `store`, its device bound to `local`; blocks until every
+    /// rank has joined (or the store's timeout passes).
     #[allow(unsafe_code)]
-    pub fn gloo(store: &Store) -> Result<Self, CollectiveError> {
+    pub fn gloo(store: &Store, local: &Local) -> Result<Self, CollectiveError> {
         let (rank, world) = (store.rank, store.world);
+        let text = |s: &str| {
+            CString::new(s).map_err(|_| CollectiveError {
+                op: "init",
+                rank,
+                world,
+                message: format!("{s:?} contains a NUL byte"),
+            })
+        };
+        let (host, iface) = match local {
+            Local::Host(h) => (text(h)?, text("")?),
+            Local::Interface(i) => (text("")?, text(i)?),
+        };
+        let before = socket_inodes();
         let ptr = create("init", rank, world, |err, len| {
             // SAFETY: the store pointer is live; the shim takes its own reference.
             unsafe {
                 ffi::axial_gloo_new(
                     store.ptr,
-                    store.host.as_ptr(),
+                    host.as_ptr(),
+                    iface.as_ptr(),
                     rank as c_int,
                     world as c_int,
                     store.timeout.as_millis() as i64,
@@ -295,18 +554,26 @@ impl ProcessGroup {
                 )
             }
         })?;
+        // Gloo connects every pair before the constructor returns: what is new now is its own
+        // (another thread's socket caught here would only be made to reconnect by an abort).
+        let opened: Vec<(i32, u64)> = socket_inodes()
+            .into_iter()
+            .filter(|s| !before.contains(s))
+            .collect();
         Ok(Self {
             ptr,
             rank,
             world,
             backend: Backend::Gloo,
+            sockets: opened,
         })
     }
 
-    /// Joins an NCCL group through `store` on the current CUDA device (one GPU per rank).
-    /// Fails with the reason on a machine without a GPU or a build without NCCL.
+    /// Joins an NCCL group through `store`, bound to CUDA device `device` (which becomes the
+    /// calling thread's current device): one GPU per rank. Fails with the reason on a machine
+    /// without that GPU or a build without NCCL.
     #[allow(unsafe_code)]
-    pub fn nccl(store: &Store) -> Result<Self, CollectiveError> {
+    pub fn nccl(store: &Store, device: usize) -> Result<Self, CollectiveError> {
         let (rank, world) = (store.rank, store.world);
         let ptr = create("init", rank, world, |err, len| {
             // SAFETY: the store pointer is live; the shim takes its own reference.
@@ -315,6 +582,7 @@ impl ProcessGroup {
                     store.ptr,
                     rank as c_int,
                     world as c_int,
+                    device as c_int,
                     store.timeout.as_millis() as i64,
                     err,
                     len,
@@ -326,14 +594,27 @@ impl ProcessGroup {
             rank,
             world,
             backend: Backend::Nccl,
+            sockets: Vec::new(),
         })
     }
 
-    /// Joins the group of `backend` through `store`.
-    pub fn new(store: &Store, backend: Backend) -> Result<Self, CollectiveError> {
+    /// Joins the group of `backend` through `store`: Gloo on `local`, NCCL on `device`'s GPU
+    /// (CUDA device 0 when `device` is not a CUDA one).
+    pub fn new(
+        store: &Store,
+        backend: Backend,
+        local: &Local,
+        device: tch::Device,
+    ) -> Result<Self, CollectiveError> {
         match backend {
-            Backend::Gloo => Self::gloo(store),
-            Backend::Nccl => Self::nccl(store),
+            Backend::Gloo => Self::gloo(store, local),
+            Backend::Nccl => Self::nccl(
+                store,
+                match device {
+                    tch::Device::Cuda(i) => i,
+                    _ => 0,
+                },
+            ),
         }
     }
 
@@ -411,10 +692,43 @@ impl ProcessGroup {
 
     /// Ends the group from any thread: collectives waiting in it (on a hung peer, say) fail at
     /// once, and so does every later one. For a generation the coordinator has ended.
+    ///
+    /// Gloo has no abort of its own: its connections would stay open, and a peer that sends
+    /// the rest of an old collective later (a link that comes back) would reach a group that
+    /// expects something else, which Gloo answers by ending the process. So the group's
+    /// sockets are shut down here (each checked to be the same socket still): its pending work
+    /// fails at once, the peers see the connection close, and the group can be freed.
     #[allow(unsafe_code)]
     pub fn abort(&self) {
         // SAFETY: the group pointer is live until drop; the shim's abort is thread-safe.
         unsafe { ffi::axial_group_abort(self.ptr) }
+        if self.sockets.is_empty() {
+            return;
+        }
+        let now = socket_inodes();
+        for socket in &self.sockets {
+            if !now.contains(socket) {
+                continue;
+            }
+            // The listener stays: Gloo treats a failed accept as fatal. Its connections go.
+            let mut listening: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt and shutdown on a descriptor that is still this group's
+            // socket, with an out-buffer of the right size; shutdown does not close the
+            // descriptor, which Gloo still owns.
+            unsafe {
+                let ok = libc::getsockopt(
+                    socket.0,
+                    libc::SOL_SOCKET,
+                    libc::SO_ACCEPTCONN,
+                    (&mut listening as *mut libc::c_int).cast(),
+                    &mut len,
+                ) == 0;
+                if ok && listening == 0 {
+                    libc::shutdown(socket.0, libc::SHUT_RDWR);
+                }
+            }
+        }
     }
 
     #[allow(unsafe_code)]

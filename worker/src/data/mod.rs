@@ -24,6 +24,7 @@ pub mod webdataset;
 use std::path::PathBuf;
 
 use axial_common::job::{DataConfig, DataFormat, Split};
+use axial_common::plan::{Layout, Shard};
 
 /// An 8-bit RGB image, rows of interleaved R, G, B.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +87,26 @@ pub trait Source: Send + Sync {
     /// Class names, where the format has them.
     fn class_names(&self) -> Vec<String> {
         (0..self.num_classes()).map(|c| c.to_string()).collect()
+    }
+    /// The shards the samples are stored in, for a source read front to back (tar files);
+    /// `None` for one that reads any sample at any moment.
+    fn shards(&self) -> Option<Vec<Shard>> {
+        None
+    }
+}
+
+/// How the epoch's order may mix `source` (see `axial_common::plan`): a full permutation, or
+/// for sharded sources the job's shard window and shuffle buffer.
+pub fn layout(source: &dyn Source, data: &DataConfig) -> Layout {
+    match source.shards() {
+        None => Layout::RandomAccess {
+            samples: source.len() as u64,
+        },
+        Some(shards) => Layout::Sharded {
+            shards,
+            window: data.shard_window(),
+            buffer: data.shuffle_buffer(),
+        },
     }
 }
 

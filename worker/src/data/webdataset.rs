@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use axial_common::plan::Shard;
+
 use super::manifest::Manifest;
 use super::{DataError, Image, Sample, SampleError, Source};
 
@@ -190,6 +192,25 @@ impl Source for WebDataset {
 
     fn class_names(&self) -> Vec<String> {
         self.classes.clone()
+    }
+
+    /// Entries are indexed shard by shard, so each shard is a run of consecutive ids.
+    fn shards(&self) -> Option<Vec<Shard>> {
+        let mut counts = vec![0u64; self.shards.len()];
+        for e in &self.entries {
+            counts[e.shard] += 1;
+        }
+        let mut first = 0;
+        Some(
+            counts
+                .into_iter()
+                .map(|samples| {
+                    let shard = Shard { first, samples };
+                    first += samples;
+                    shard
+                })
+                .collect(),
+        )
     }
 }
 

@@ -27,12 +27,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::model::weights::write_tensors_atomic;
 
-const FILES: [&str; 4] = [
-    "model.safetensors",
-    "optimizer.safetensors",
-    "state.json",
-    "job.toml",
-];
+use axial_common::checkpoint::FILES;
 
 /// A checkpoint read back.
 #[derive(Debug)]

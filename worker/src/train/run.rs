@@ -2,8 +2,8 @@
 //! precision, evaluation, checkpoints, progress and metrics are composed. The distributed
 //! workers run this same loop on every rank.
 //!
-//! Data: each epoch's sample sequence comes from `axial_common::plan` (shards permuted by
-//! `(seed, epoch)`, samples within each by `(seed, epoch, shard)`), consumed front to back in
+//! Data: each epoch's sample sequence comes from `axial_common::plan` (a full permutation by
+//! `(seed, epoch)`; tar shards through a shard window and shuffle buffer), consumed front to back in
 //! global steps of `world x batch x accumulate` samples; every sample of every epoch is used
 //! exactly once, the last step of an epoch being smaller (split evenly over the ranks). The
 //! position is the consumed prefix, so a resumed run — on any number of workers — continues
@@ -13,9 +13,6 @@
 //! step; gradients are all-reduced (each rank weighs its loss by its share of the step's
 //! samples, so the sum is the global mean), running statistics averaged, the attention batch
 //! norms synchronized, and checkpoints voted through the coordinator.
-
-/// Samples per virtual shard of a source without shards of its own.
-pub const SHARD_SIZE: u64 = 1000;
 
 /// What a distributed run reports to, and hears from, the coordinator.
 pub trait Coordination {
@@ -45,7 +42,7 @@ use std::time::Instant;
 use axial_common::JobConfig;
 use axial_common::hparams::{self, HyperParameterChange};
 use axial_common::job::{Precision, SyncBn};
-use axial_common::plan::{EpochPlan, StepPlan, virtual_shards};
+use axial_common::plan::{EpochPlan, StepPlan};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -290,7 +287,7 @@ pub fn run(
             ),
         ));
     }
-    let shards = virtual_shards(train_src.len() as u64, SHARD_SIZE);
+    let layout = data::layout(train_src.as_ref(), &job.data);
     let schedule = Schedule::new(job, job.peak_lr(global_batch as i64));
     let size = job.image_size() as u32;
     let transform = Transform::new(size, job.data.augment.clone());
@@ -431,7 +428,7 @@ pub fn run(
     'epochs: for epoch in pos.epoch..job.train.epochs {
         let epoch_start = Instant::now();
         metrics.epoch.set(epoch as f64);
-        let sequence = EpochPlan::new(&shards, seed, epoch);
+        let sequence = EpochPlan::new(&layout, seed, epoch);
         let len = sequence.len();
         let steps = StepPlan {
             base: pos.consumed,
@@ -517,7 +514,6 @@ pub fn run(
                 metrics.samples.increment(b.len() as u64);
             }
             // Optimizer step.
-            let t = Instant::now();
             let before = epoch as f64 + pos.consumed as f64 / len as f64;
             pos.consumed = steps.prefix_after(s + 1);
             pos.samples_seen += steps.step_samples(s);
@@ -532,6 +528,7 @@ pub fn run(
             let lr = schedule.lr(before, epoch as f64 + pos.consumed as f64 / len as f64)
                 * (current.optim.lr / job.optim.lr);
             let grads = optimizer.grads();
+            let wait = Instant::now();
             if let Some(r) = &reducer {
                 // Armed already unless the step ended early: every rank then starts the same
                 // buckets here, in the same order.
@@ -540,6 +537,12 @@ pub fn run(
             } else if let Some(d) = &dist {
                 allreduce_gradients(&d.group, &grads, BUCKET_BYTES)?;
             }
+            if dist.is_some() {
+                metrics
+                    .phase(Phase::AllReduceWait)
+                    .record(wait.elapsed().as_secs_f64());
+            }
+            let t = Instant::now();
             if let Some(ctx) = &sync
                 && let Some(e) = ctx.take_error()
             {
