@@ -5,8 +5,14 @@
 //! `POST /api/hyperparameters` (a JSON change such as `{"lr": 0.05}`, authenticated by the job
 //! token as `Authorization: Bearer <token>`; the reply is the change as accepted, with the step
 //! it takes effect from).
+//!
+//! With the gRPC certificate (`serve --tls-cert/--tls-key`) the same endpoints are served over
+//! HTTPS instead, so that the token of `POST /api/hyperparameters` never crosses the network in
+//! clear text.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use axial_common::hparams::HyperParameterChange;
 use axum::Router;
@@ -16,13 +22,44 @@ use axum::routing::{get, post};
 
 use crate::service::Service;
 
-/// Serves the endpoints on `addr` until the process ends; returns the bound address. `token`
-/// guards the one that changes anything.
+/// A certificate and its key (PEM), for HTTPS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The TLS acceptor for `files`; errors name the file at fault.
+fn acceptor(files: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", files.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", files.key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the HTTPS certificate and key")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves the endpoints on `addr` until the process ends, over HTTPS when `tls` is given;
+/// returns the bound address. `token` guards the one that changes anything.
 pub async fn serve(
     addr: SocketAddr,
     service: Service,
     token: String,
+    tls: Option<TlsFiles>,
 ) -> anyhow::Result<SocketAddr> {
+    let tls = tls.as_ref().map(acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let metrics = service.clone();
@@ -70,8 +107,31 @@ pub async fn serve(
                 async move { set_hyperparameters(&s, &token, &headers, &body) }
             }),
         );
+    let Some(tls) = tls else {
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        return Ok(bound);
+    };
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (tls, app) = (tls.clone(), app.clone());
+            tokio::spawn(async move {
+                // A client that never finishes its handshake is dropped.
+                let handshake =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), tls.accept(stream));
+                let Ok(Ok(stream)) = handshake.await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
     });
     Ok(bound)
 }

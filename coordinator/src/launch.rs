@@ -27,6 +27,8 @@ pub struct ServeOptions {
     pub resume: bool,
     /// Where to serve `/metrics` and `/api/status` (None: off).
     pub http: Option<SocketAddr>,
+    /// HTTPS for those (the gRPC certificate), plain HTTP when None.
+    pub http_tls: Option<crate::http::TlsFiles>,
     /// TLS for gRPC (None: plain HTTP/2; the token still guards every call).
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// End a group whose step does not advance for this long (0: never).
@@ -65,11 +67,21 @@ pub async fn serve(
     }
     let service = Service::new(state);
     if let Some(http) = opts.http {
-        let bound = crate::http::serve(http, service.clone(), opts.token.clone())
-            .await
-            .with_context(|| format!("HTTP on {http}"))?;
+        let scheme = if opts.http_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let bound = crate::http::serve(
+            http,
+            service.clone(),
+            opts.token.clone(),
+            opts.http_tls.clone(),
+        )
+        .await
+        .with_context(|| format!("HTTP on {http}"))?;
         eprintln!(
-            "coordinator: status on http://{bound}/api/status, metrics on http://{bound}/metrics"
+            "coordinator: status on {scheme}://{bound}/api/status, metrics on {scheme}://{bound}/metrics"
         );
     }
     let ticker = service.clone();
@@ -198,6 +210,7 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
         },
         resume,
         http: Some("127.0.0.1:0".parse()?),
+        http_tls: None,
         tls: None,
         progress_timeout_ms: o.progress_timeout_s * 1000,
     };

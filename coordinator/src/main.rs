@@ -61,7 +61,7 @@ enum Command {
         min: Option<usize>,
         #[arg(long)]
         resume: bool,
-        /// Serve /metrics and /api/status here.
+        /// Serve /, /metrics and /api/status here (over HTTPS with --tls-cert/--tls-key).
         #[arg(long, default_value = "0.0.0.0:9090")]
         http: std::net::SocketAddr,
         #[command(flatten)]
@@ -198,7 +198,8 @@ fn main() {
 /// TLS for the coordinator's gRPC (PEM files).
 #[derive(Debug, Clone, clap::Args)]
 struct ServerTls {
-    /// This coordinator's certificate (chain); with --tls-key, gRPC is served over TLS.
+    /// This coordinator's certificate (chain); with --tls-key, gRPC and the HTTP endpoints
+    /// are served over TLS.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
     #[arg(long)]
@@ -242,6 +243,13 @@ fn serve_cmd(
         heartbeat_timeout >= 1,
         "--heartbeat-timeout must be at least 1 second"
     );
+    let http_tls = match (&tls.tls_cert, &tls.tls_key) {
+        (Some(cert), Some(key)) => Some(axial_coordinator::http::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
     let tls = axial_proto::tls::ServerFiles {
         cert: tls.tls_cert,
         key: tls.tls_key,
@@ -290,6 +298,7 @@ fn serve_cmd(
         },
         resume,
         http: Some(http),
+        http_tls,
         tls,
         progress_timeout_ms: progress_timeout * 1000,
     };

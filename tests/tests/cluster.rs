@@ -335,7 +335,8 @@ fn two_workers_on_separate_hosts_train_like_on_loopback_and_strangers_are_refuse
 }
 
 /// Eight workers, each on its own host: the job finishes, all eight replicas are identical,
-/// and every sample is consumed once per epoch.
+/// every sample is consumed once per epoch, and the weights are those of the same job on one
+/// machine.
 #[test]
 fn eight_workers_on_eight_hosts() {
     let Some(job) = Job::new(8, 320) else { return };
@@ -357,6 +358,22 @@ fn eight_workers_on_eight_hosts() {
         start.elapsed().as_secs_f64()
     );
     job.assert_finished(8);
+    // The same job with 8 workers on one machine over loopback: the same bits (ranks follow
+    // the worker ids, w0..w7, in both).
+    let local = tempfile::tempdir().expect("tempdir");
+    std::fs::write(local.path().join("job.toml"), job_toml(320)).expect("job");
+    let out = run(std::process::Command::new(bin("axial-coordinator"))
+        .args(["launch", "--workers", "8", "--worker-bin"])
+        .arg(bin("axial-worker"))
+        .arg(local.path().join("job.toml")));
+    assert!(out.status.success());
+    let loopback = std::fs::read_to_string(local.path().join("ckpt/replica-0.sha256"))
+        .expect("loopback fingerprint");
+    assert_eq!(
+        job.fingerprints(8)[0],
+        loopback,
+        "eight hosts and loopback trained different weights"
+    );
 }
 
 /// Set-ups that cannot work are stopped with their reason, not retried forever: a worker that

@@ -514,8 +514,9 @@ fn make_certs(dir: &Path) {
 }
 
 /// The control plane over mutual TLS: a coordinator served with a certificate and a client CA
-/// refuses a plain-text worker and a TLS worker without a client certificate; a worker with
-/// one trains the job to its end.
+/// refuses a plain-text worker and a TLS worker without a client certificate, serves its HTTP
+/// endpoints over HTTPS with the same certificate (not in clear text), and a worker with a
+/// client certificate trains the job to its end.
 #[test]
 fn mutual_tls_control_plane() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -524,10 +525,11 @@ fn mutual_tls_control_plane() {
     std::fs::write(dir.join("job.toml"), JOB).expect("write");
     std::fs::write(dir.join("token"), "a-test-token-of-enough-length").expect("write");
     let port = free_port();
+    let http_port = free_port();
     let mut server = Command::new(bin("axial-coordinator"))
         .args(["serve", "--workers", "1", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
-        .args(["--http", "127.0.0.1:0", "--token-file"])
+        .args(["--http", &format!("127.0.0.1:{http_port}"), "--token-file"])
         .arg(dir.join("token"))
         .arg("--tls-cert")
         .arg(dir.join("server.pem"))
@@ -554,6 +556,24 @@ fn mutual_tls_control_plane() {
     };
     let plain = worker(&format!("http://127.0.0.1:{port}"), &[]);
     assert!(!plain.status.success(), "a plain-text worker got through");
+    // The HTTP endpoints are served over TLS with the same certificate.
+    let curl = |url: String| {
+        run(Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(dir.join("ca.pem"))
+            .arg(url))
+    };
+    let status = curl(format!("https://127.0.0.1:{http_port}/api/status"));
+    assert!(
+        status.status.success()
+            && String::from_utf8_lossy(&status.stdout).contains("\"generation\""),
+        "no status over HTTPS"
+    );
+    let clear = curl(format!("http://127.0.0.1:{http_port}/api/status"));
+    assert!(
+        !String::from_utf8_lossy(&clear.stdout).contains("\"generation\""),
+        "the status page answered in clear text"
+    );
     let https = format!("https://127.0.0.1:{port}");
     let anonymous = worker(&https, &["--tls-ca", "ca.pem"]);
     assert!(

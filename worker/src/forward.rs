@@ -42,6 +42,10 @@ pub struct ForwardArgs {
     /// cpu, cuda, cuda:N, or auto (CUDA when present).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Compute in float64: a reference that shows how far float32 rounding alone moves each
+    /// result (parity checks compare against a float32 fixture within that noise).
+    #[arg(long)]
+    pub double: bool,
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N` or `auto`.
@@ -135,9 +139,13 @@ pub fn run(args: &ForwardArgs) -> Result<Vec<String>> {
         message,
     })?;
     let config = ModelConfig::from_file(&args.model)?;
-    let model = Model::new(&config, device, 0);
+    let mut model = Model::new(&config, device, 0);
     model.load_weights(&args.weights)?;
-    let input = read_input(&args.input)?.to_device(device);
+    let mut input = read_input(&args.input)?.to_device(device);
+    if args.double {
+        model.vs.double();
+        input = input.to_kind(Kind::Double);
+    }
     let labels = match &args.labels {
         Some(p) => Some(read_labels(p, input.size()[0], config.num_classes)?.to_device(device)),
         None => None,
