@@ -287,9 +287,12 @@ impl JobState {
     }
 
     /// Every member of the running group has left with its job finished.
+    /// The job is over: a worker finished it, and every member has left since (a member that
+    /// never does is dropped after the heartbeat timeout). The first leave does not end it, so
+    /// the others' leaves still find a coordinator.
     pub fn done(&self) -> bool {
         !self.finished.is_empty()
-            && self.membership.world() == 0
+            && self.membership.member_count() == 0
             && self.membership.phase() == crate::membership::Phase::Rendezvous
     }
 
@@ -309,6 +312,8 @@ impl JobState {
         now: u64,
     ) -> Join {
         if !self.finished.is_empty() && self.rank_of(worker).is_none() {
+            // It leaves at once: the job does not wait for it.
+            self.membership.forget(worker);
             return Join::Finished;
         }
         let before = self.membership.generation();
@@ -1050,9 +1055,39 @@ mod tests {
         assert!(matches!(s.join("a", 1, None, 0), Join::Assigned { .. }));
         assert!(matches!(s.join("standby", 1, None, 1), Join::Wait));
         s.leave("a", true, "", 2);
-        assert!(s.done());
         assert!(matches!(s.join("standby", 1, None, 3), Join::Finished));
+        assert!(s.done(), "the finished job's joiners are not waited for");
         assert!(matches!(s.join("late", 1, None, 4), Join::Finished));
+    }
+
+    /// The job ends only when every member has left, not at the first leave: the others'
+    /// leaves must still find the coordinator (and `launch` then exits 0).
+    #[test]
+    fn the_job_ends_when_the_last_member_has_left() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let members = MembershipConfig {
+            min: 2,
+            max: 2,
+            settle_ms: 100,
+            timeout_ms: 10_000,
+        };
+        let mut s = JobState::new(job(tmp.path()), members, false);
+        s.join("a", 1, None, 0);
+        assert!(matches!(s.join("b", 1, None, 0), Join::Assigned { .. }));
+        s.leave("a", true, "", 10);
+        assert!(!s.done(), "b has not left yet");
+        s.leave("b", true, "", 20);
+        assert!(s.done());
+        // A member that never leaves is dropped after the heartbeat timeout.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut s = JobState::new(job(tmp.path()), members, false);
+        s.join("a", 1, None, 0);
+        s.join("b", 1, None, 0);
+        s.leave("a", true, "", 10);
+        s.tick(5_000);
+        assert!(!s.done());
+        s.tick(20_000);
+        assert!(s.done());
     }
 
     /// With a progress timeout, a running group whose step stops advancing (while every member

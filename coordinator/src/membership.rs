@@ -363,6 +363,17 @@ impl Membership {
         }
     }
 
+    /// Drops `worker` without an event (a joiner told that the job has finished).
+    pub fn forget(&mut self, worker: &str) {
+        self.members.remove(worker);
+        self.standby.remove(worker);
+    }
+
+    /// Members (with a rank or joining the next group), standbys not counted.
+    pub fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
     /// Members and standbys: (id, rank if running, last seen, standby).
     pub fn workers(&self) -> Vec<(String, Option<usize>, u64, bool)> {
         let members = self

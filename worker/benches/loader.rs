@@ -88,7 +88,7 @@ fn main() {
                 t,
                 8,
             )
-            .map(|b| b.len())
+            .map(|b| b.map_or(0, |b| b.len()))
             .sum();
             let rate = images as f64 / start.elapsed().as_secs_f64();
             if timed {

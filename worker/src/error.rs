@@ -42,6 +42,10 @@ pub enum Error {
     #[error(transparent)]
     Collective(#[from] crate::collective::CollectiveError),
 
+    /// The data could not be loaded (a loader thread died).
+    #[error("data: {0}")]
+    Loader(#[from] crate::data::loader::LoaderError),
+
     /// The group of a generation could not be formed (the rendezvous store, or the backend's
     /// set-up: an address that does not resolve, a GPU or NCCL this machine lacks).
     #[error("collective set-up failed: {0}")]
@@ -56,6 +60,15 @@ pub enum Error {
     /// committed checkpoint.
     #[error("the group must re-form: {0}")]
     Regroup(String),
+}
+
+impl From<crate::train::eval::EvalError> for Error {
+    fn from(e: crate::train::eval::EvalError) -> Self {
+        match e {
+            crate::train::eval::EvalError::Loader(l) => Self::Loader(l),
+            crate::train::eval::EvalError::Collective(c) => Self::Collective(c),
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -705,3 +705,64 @@ fn gloo_forms_through_a_key_value_store_made_in_rust() {
     println!("{err} (after {:.1} s)", start.elapsed().as_secs_f64());
     assert!(start.elapsed() < Duration::from_secs(30));
 }
+
+/// Evaluation in a group: each of two ranks evaluates its half of the validation split and the
+/// sums are all-reduced. Every rank gets the single-rank result: the same counts exactly, the
+/// same loss up to float64 rounding.
+#[test]
+fn sharded_evaluation_equals_one_rank_evaluating_everything() {
+    use axial_worker::data::SplitKind;
+    use axial_worker::data::augment::Transform;
+    use axial_worker::data::builtin::Builtin;
+    use axial_worker::train::eval::{EvalOptions, evaluate};
+    let source = || -> Arc<dyn axial_worker::data::Source> {
+        Arc::new(Builtin::new(75, 32, 5, SplitKind::Val))
+    };
+    let transform = || Transform::new(32, axial_common::job::AugmentConfig::default());
+    let opts = EvalOptions {
+        batch_size: 16,
+        threads: 1,
+        prefetch: 2,
+    };
+    let alone = evaluate(
+        &tiny_model(11).net,
+        source(),
+        transform(),
+        opts,
+        Device::Cpu,
+        None,
+    )
+    .expect("evaluate");
+    let memory = Arc::new(MemoryStore::default());
+    // Made here, one after the other: the seeded initialization draws from one global
+    // generator.
+    let models: Vec<Model> = (0..2).map(|_| tiny_model(11)).collect();
+    let ranks: Vec<_> = models
+        .into_iter()
+        .enumerate()
+        .map(|(rank, model)| {
+            let memory = memory.clone();
+            std::thread::spawn(move || {
+                let store = Store::key_value(Box::new(Shared(memory)), rank, 2, TIMEOUT);
+                let pg =
+                    ProcessGroup::gloo(&store, &Local::Host("127.0.0.1".into())).expect("group");
+                evaluate(
+                    &model.net,
+                    source(),
+                    transform(),
+                    opts,
+                    Device::Cpu,
+                    Some(&pg),
+                )
+                .expect("evaluate")
+            })
+        })
+        .collect();
+    for r in ranks {
+        let shared = r.join().expect("rank");
+        println!("one rank: {alone:?}\ntwo ranks: {shared:?}");
+        assert_eq!(shared.samples, 75);
+        assert_eq!((shared.top1, shared.top5), (alone.top1, alone.top5));
+        assert!((shared.loss - alone.loss).abs() <= 1e-6 * alone.loss.abs().max(1.0));
+    }
+}

@@ -139,6 +139,7 @@ fn corrupt_image_in_a_shard_is_skipped_and_counted() {
     let plan = Plan::chunked((0..7).collect(), 3, true, 0, 0);
     let (mut good, mut skipped, mut reasons) = (0, 0, Vec::new());
     for batch in Loader::start(src, transform, plan, 2, 2) {
+        let batch = batch.expect("no loader thread dies");
         good += batch.len();
         skipped += batch.errors.len();
         reasons.extend(batch.errors.iter().map(|e| e.to_string()));
@@ -378,4 +379,47 @@ fn class_sorted_sources_give_mixed_batches() {
         30,
     );
     assert!(d < 1.5, "unmixed shards: {d}");
+}
+
+/// A source whose sample 13 makes its loader thread panic.
+struct Exploding;
+
+impl Source for Exploding {
+    fn len(&self) -> usize {
+        40
+    }
+    fn num_classes(&self) -> i64 {
+        2
+    }
+    fn get(
+        &self,
+        index: usize,
+    ) -> Result<axial_worker::data::Sample, axial_worker::data::SampleError> {
+        assert!(index != 13, "sample 13 exploded");
+        Ok(axial_worker::data::Sample {
+            image: axial_worker::data::Image::new(4, 4),
+            label: (index % 2) as i64,
+        })
+    }
+}
+
+/// A loader thread that dies is an error that says why, not a quiet end of the epoch (which
+/// would let the ledger count the samples it never made as trained on).
+#[test]
+fn a_dying_loader_thread_is_an_error_not_the_end_of_the_epoch() {
+    let plan = Plan::chunked((0..40).collect(), 8, false, 0, 0);
+    let transform = Transform::new(8, AugmentConfig::default());
+    let mut made = 0;
+    let mut error = None;
+    for batch in Loader::start(Arc::new(Exploding), transform, plan, 2, 2) {
+        match batch {
+            Ok(_) => made += 1,
+            Err(e) => error = Some(e),
+        }
+    }
+    let error = error.expect("the dead thread is reported");
+    println!("after {made} batches: {error}");
+    assert_eq!(error.batch, 1, "batch 1 holds sample 13");
+    assert!(error.reason.contains("sample 13 exploded"), "{error}");
+    assert_eq!(made, 1);
 }

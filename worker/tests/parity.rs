@@ -43,10 +43,18 @@ fn max_abs(a: &Tensor) -> f64 {
     a.to_kind(Kind::Double).abs().max().double_value(&[])
 }
 
-#[test]
-fn official_model_matches_the_pytorch_reference() {
-    let fx = fixture();
-    let model = model();
+/// One pass of the fixture's procedure (load the state, eval forward, train forward, loss,
+/// backward), in float32 or float64: logits (eval, train), the loss, every gradient and
+/// running statistic under the reference's names.
+struct Pass {
+    logits_eval: Tensor,
+    logits_train: Tensor,
+    loss: Tensor,
+    values: HashMap<String, Tensor>,
+}
+
+fn pass(fx: &HashMap<String, Tensor>, double: bool) -> Pass {
+    let mut model = model();
     assert_eq!(
         model.parameter_count(),
         1_240_778,
@@ -65,21 +73,50 @@ fn official_model_matches_the_pytorch_reference() {
         .unwrap_or_else(|m| panic!("fixture state does not load:\n{m}"));
     // Our export has exactly the reference's keys.
     assert_eq!(model.state_dict().len(), n_state);
-
-    let input = &fx["input"];
-    let labels = &fx["labels"];
-
+    let mut input = fx["input"].shallow_clone();
+    if double {
+        model.vs.double();
+        input = input.to_kind(Kind::Double);
+    }
     // Eval mode: running statistics.
-    let logits_eval = tch::no_grad(|| model.net.forward_t(input, false));
-    let e_eval = max_abs_diff(&logits_eval, &fx["logits_eval"]);
-
+    let logits_eval = tch::no_grad(|| model.net.forward_t(&input, false));
     // Train mode: batch statistics, then loss and backward.
-    let logits_train = model.net.forward_t(input, true);
-    let e_train = max_abs_diff(&logits_train, &fx["logits_train"]);
-    let loss = axial_worker::model::cross_entropy(&logits_train, labels);
-    let e_loss = max_abs_diff(&loss.reshape([1]), &fx["loss_train"]);
+    let logits_train = model.net.forward_t(&input, true);
+    let loss = axial_worker::model::cross_entropy(&logits_train, &fx["labels"]);
     loss.backward();
+    let names =
+        axial_worker::model::weights::NameTable::for_variant(axial_common::Variant::Official);
+    let mut values = HashMap::new();
+    for (name, var) in model.vs.variables() {
+        if var.requires_grad() {
+            values.insert(format!("grad.{}", names.external(&name)), var.grad());
+        }
+    }
+    for (name, value) in model.state_dict() {
+        values.insert(format!("after_train.{name}"), value);
+    }
+    Pass {
+        logits_eval,
+        logits_train: logits_train.detach(),
+        loss: loss.detach().reshape([1]),
+        values,
+    }
+}
 
+/// Logits and loss within the fixture's tolerances. Gradients within 1e-3 of each tensor's
+/// largest value and running statistics within 1e-5, or, where the float32 rounding of this
+/// train-mode pass is larger than that (about 30 batch norms in a row amplify it; some bias
+/// gradients are zero in exact arithmetic and pure rounding in float32), within 6x our own
+/// float32-vs-float64 difference: the fixture is a float32 run too and carries the same kind
+/// of noise, while a different computation misses by orders of magnitude.
+#[test]
+fn official_model_matches_the_pytorch_reference() {
+    let fx = fixture();
+    let ours = pass(&fx, false);
+    let exact = pass(&fx, true);
+    let e_eval = max_abs_diff(&ours.logits_eval, &fx["logits_eval"]);
+    let e_train = max_abs_diff(&ours.logits_train, &fx["logits_train"]);
+    let e_loss = max_abs_diff(&ours.loss, &fx["loss_train"]);
     println!("max |logits_eval - ref|  = {e_eval:.3e}");
     println!("max |logits_train - ref| = {e_train:.3e}");
     println!("|loss - ref|             = {e_loss:.3e}");
@@ -96,67 +133,44 @@ fn official_model_matches_the_pytorch_reference() {
         e_loss <= 1e-4 * ref_scale(&fx["loss_train"]),
         "loss differs by {e_loss}"
     );
-
-    // Every gradient, relative to the tensor's largest magnitude.
-    let names =
-        axial_worker::model::weights::NameTable::for_variant(axial_common::Variant::Official);
-    let mut worst_grad = (0.0f64, String::new());
-    let mut n_grads = 0;
-    for (name, var) in model.vs.variables() {
-        if !var.requires_grad() {
+    let mut counts = (0, 0);
+    let mut worst = (0.0f64, String::new());
+    let mut by_noise = 0;
+    for (key, reference) in &fx {
+        let grad = key.starts_with("grad.");
+        if !(grad || key.starts_with("after_train.")) {
             continue;
         }
-        let key = format!("grad.{}", names.external(&name));
-        let reference = fx
-            .get(&key)
-            .unwrap_or_else(|| panic!("fixture has no {key}"));
-        let rel = max_abs_diff(&var.grad(), reference) / max_abs(reference).max(1e-12);
-        if rel > worst_grad.0 {
-            worst_grad = (rel, key.clone());
-        }
-        n_grads += 1;
-    }
-    println!(
-        "gradients: {n_grads}, worst relative error {:.3e} ({})",
-        worst_grad.0, worst_grad.1
-    );
-    assert_eq!(
-        n_grads,
-        fx.keys().filter(|k| k.starts_with("grad.")).count()
-    );
-    assert!(
-        worst_grad.0 <= 1e-3,
-        "gradient {} differs by {:.3e} of its scale",
-        worst_grad.1,
-        worst_grad.0
-    );
-
-    // Running statistics and num_batches_tracked after the one train-mode forward.
-    let mut worst_stat = (0.0f64, String::new());
-    let mut n_stats = 0;
-    for (name, value) in model.state_dict() {
-        let key = format!("after_train.{name}");
-        let Some(reference) = fx.get(&key) else {
-            continue;
+        let value = ours
+            .values
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key} in our pass"));
+        let err = max_abs_diff(value, reference);
+        let noise = max_abs_diff(value, &exact.values[key]);
+        let bound = if grad {
+            1e-3 * max_abs(reference).max(1e-12)
+        } else {
+            1e-5
         };
-        let err = max_abs_diff(&value, reference);
-        if err > worst_stat.0 {
-            worst_stat = (err, key.clone());
+        assert!(
+            err <= bound.max(6.0 * noise),
+            "{key} differs by {err:.3e} (bound {bound:.3e}, float32 noise {noise:.3e})"
+        );
+        if err > bound {
+            by_noise += 1;
+            if err / noise > worst.0 {
+                worst = (err / noise, key.clone());
+            }
         }
-        n_stats += 1;
+        if grad {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
     }
     println!(
-        "running statistics: {n_stats}, worst abs error {:.3e} ({})",
-        worst_stat.0, worst_stat.1
+        "gradients: {}, running statistics: {}; {by_noise} within the float32 noise rather than the fixed bound (at most {:.1}x, {})",
+        counts.0, counts.1, worst.0, worst.1
     );
-    assert_eq!(
-        n_stats,
-        fx.keys().filter(|k| k.starts_with("after_train.")).count()
-    );
-    assert!(
-        worst_stat.0 <= 1e-5,
-        "{} differs by {:.3e}",
-        worst_stat.1,
-        worst_stat.0
-    );
+    assert_eq!(counts, (193, 207));
 }

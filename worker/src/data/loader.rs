@@ -6,7 +6,9 @@
 //! from `Rng::derive(seed, [epoch, sample])`, so a batch's pixels never depend on threads either.
 //!
 //! A sample that cannot be read or decoded is left out of its batch and reported in
-//! [`Batch::errors`]: the run goes on, and the caller counts and logs it.
+//! [`Batch::errors`]: the run goes on, and the caller counts and logs it. A loader thread that
+//! dies (a panic in decoding, say) is an error ([`LoaderError`]), never the end of the epoch:
+//! the samples it would have made were not trained on, and the ledger must not say they were.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,13 +85,23 @@ impl Batch {
     }
 }
 
+/// A loader thread died before making every batch it owed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("loader thread {thread} died before batch {batch} of {total}: {reason}")]
+pub struct LoaderError {
+    pub thread: usize,
+    pub batch: usize,
+    pub total: usize,
+    pub reason: String,
+}
+
 pub struct Loader {
     receivers: Vec<Receiver<Batch>>,
     next: usize,
     end: usize,
     start: usize,
     stop: Arc<AtomicBool>,
-    handles: Vec<JoinHandle<()>>,
+    handles: Vec<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -163,7 +175,7 @@ impl Loader {
                 plan.clone(),
                 stop.clone(),
             );
-            handles.push(std::thread::spawn(move || {
+            handles.push(Some(std::thread::spawn(move || {
                 let mut b = start + t;
                 while b < end && !stop.load(Ordering::Relaxed) {
                     let batch = make_batch(source.as_ref(), &transform, &plan, b);
@@ -172,7 +184,7 @@ impl Loader {
                     }
                     b += threads;
                 }
-            }));
+            })));
         }
         Self {
             receivers,
@@ -191,16 +203,38 @@ impl Loader {
 }
 
 impl Iterator for Loader {
-    type Item = Batch;
+    type Item = Result<Batch, LoaderError>;
 
-    fn next(&mut self) -> Option<Batch> {
+    fn next(&mut self) -> Option<Self::Item> {
         if self.next >= self.end {
             return None;
         }
         let t = (self.next - self.start) % self.receivers.len();
-        let batch = self.receivers[t].recv().ok()?;
-        self.next += 1;
-        Some(batch)
+        match self.receivers[t].recv() {
+            Ok(batch) => {
+                self.next += 1;
+                Some(Ok(batch))
+            }
+            // The thread is gone with batches still owed: say why, and end the iteration.
+            Err(_) => {
+                let reason = match self.handles[t].take().map(JoinHandle::join) {
+                    Some(Err(panic)) => panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .map_or_else(|| "it panicked".to_owned(), |m| format!("it panicked: {m}")),
+                    _ => "it stopped".to_owned(),
+                };
+                let err = LoaderError {
+                    thread: t,
+                    batch: self.next,
+                    total: self.end,
+                    reason,
+                };
+                self.next = self.end;
+                Some(Err(err))
+            }
+        }
     }
 }
 
@@ -208,7 +242,7 @@ impl Drop for Loader {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.receivers.clear(); // unblocks senders
-        for h in self.handles.drain(..) {
+        for h in self.handles.drain(..).flatten() {
             let _ = h.join();
         }
     }

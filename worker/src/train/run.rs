@@ -476,7 +476,10 @@ pub fn run(
                     r.arm();
                 }
                 let wait = Instant::now();
-                let Some(b) = loader.next() else { break };
+                // A dead loader thread is an error: its samples were not trained on.
+                let Some(b) = loader.next().transpose()? else {
+                    break;
+                };
                 metrics
                     .phase(Phase::DataWait)
                     .record(wait.elapsed().as_secs_f64());
@@ -619,19 +622,21 @@ pub fn run(
             }
         }
         drop(loader);
-        // End of the epoch: evaluate (rank 0), then checkpoint at the start of the next epoch.
+        // End of the epoch: evaluate (every rank its share), then checkpoint at the start of
+        // the next epoch.
         pos.epoch = epoch + 1;
         pos.consumed = 0;
         let train_loss = epoch_loss.0.double_value(&[]) / epoch_loss.1.max(1) as f64;
         let last = epoch + 1 == job.train.epochs;
-        if lead && ((epoch + 1).is_multiple_of(job.eval.every_epochs) || last) {
+        if (epoch + 1).is_multiple_of(job.eval.every_epochs) || last {
             last_eval = evaluate(
                 &model.net,
                 val_src.clone(),
                 transform.clone(),
                 eval_opts,
                 device,
-            );
+                dist.as_ref().map(|d| d.group.as_ref()),
+            )?;
             metrics.eval_top1.set(last_eval.top1);
             metrics.eval_top5.set(last_eval.top5);
             metrics.eval_loss.set(last_eval.loss);
