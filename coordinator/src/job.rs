@@ -338,6 +338,9 @@ impl JobState {
             self.barrier.abort(before);
             self.pending_folder = None;
             self.rendezvous.clear();
+            // The next group resumes from the last commit, below the steps reported so far:
+            // progress (and the watchdog's clock) starts over with what it reports.
+            self.progress.clear();
             self.save_or_log();
         }
         self.drain_membership_events();
@@ -1120,6 +1123,25 @@ mod tests {
             s.log.iter().any(|l| l.contains("no progress past step 12")),
             "{:?}",
             s.log
+        );
+        // The group re-forms and resumes from a commit at step 5: steps 6, 7, 8 are progress
+        // although they are below the 12 reported before the rollback.
+        let Join::Assigned {
+            assignment: again, ..
+        } = s.join("a", 1, None, 3500)
+        else {
+            panic!("group again")
+        };
+        s.tick(3500);
+        for (t, step) in [(4000, 6), (4900, 7), (5800, 8)] {
+            s.heartbeat("a", again.generation, t);
+            s.record_progress("a", step, 1.0, 1.0, t);
+            s.tick(t);
+        }
+        assert_eq!(
+            s.generation(),
+            again.generation,
+            "progress after the rollback"
         );
         let mut off = JobState::new(job(tmp.path()), members, false);
         off.join("a", 1, None, 0);

@@ -491,14 +491,20 @@ pub fn run(
                 if let Some(log) = sample_log.as_mut() {
                     log.write(epoch, pos.step + 1, &b.samples)?;
                 }
-                if b.is_empty() {
-                    continue;
-                }
+                // A micro-batch with no sample (a share of an uneven last step smaller than
+                // `accumulate`, every sample undecodable, a resume onto more ranks than samples
+                // left) still runs: the peers' collectives (the synchronized batch norms in both
+                // passes, the gradient buckets) need this rank. Over an empty batch it adds zero
+                // statistics and a zero gradient.
                 let t = Instant::now();
                 let images = b.images.to_device(device);
                 let labels = b.labels.to_device(device);
                 let logits = tch::autocast(autocast, || model.net.forward_t(&images, true));
-                let loss = smoothed_cross_entropy(&logits, &labels, job.train.label_smoothing);
+                let loss = if b.is_empty() {
+                    logits.sum(Kind::Float) * 0.0
+                } else {
+                    smoothed_cross_entropy(&logits, &labels, job.train.label_smoothing)
+                };
                 metrics
                     .phase(Phase::Forward)
                     .record(t.elapsed().as_secs_f64());
@@ -509,11 +515,13 @@ pub fn run(
                 metrics
                     .phase(Phase::Backward)
                     .record(t.elapsed().as_secs_f64());
-                let detached = loss.detach();
-                running_loss += &detached;
-                running_n += 1;
-                epoch_loss.0 += detached.to_kind(Kind::Double);
-                epoch_loss.1 += 1;
+                if !b.is_empty() {
+                    let detached = loss.detach();
+                    running_loss += &detached;
+                    running_n += 1;
+                    epoch_loss.0 += detached.to_kind(Kind::Double);
+                    epoch_loss.1 += 1;
+                }
                 metrics.samples.increment(b.len() as u64);
             }
             // Optimizer step.
