@@ -27,6 +27,56 @@ pub struct Position {
     /// fp16 dynamic loss scale (1 otherwise) and its count of good steps.
     pub loss_scale: f64,
     pub good_steps: u64,
+    /// The training data the consumed prefix counts, and the order's settings: a resume on
+    /// other data (or another seed or shard window) would take the prefix to mean other samples,
+    /// so it is refused. Absent in checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataIdentity>,
+}
+
+/// The identity of a training split and its epoch order (see [`Position::data`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DataIdentity {
+    /// Samples in the split.
+    pub samples: u64,
+    /// A hash of the split's listing (file names and labels, shard names and keys; the
+    /// count and seed for generated data), as 16 hex digits.
+    pub fingerprint: u64,
+    /// `[train] seed`: it fixes every epoch's order.
+    pub seed: u64,
+    /// Tar shards: `[data] shard_window` and `shuffle_buffer` (0 for random-access data).
+    pub shard_window: u64,
+    pub shuffle_buffer: u64,
+}
+
+impl DataIdentity {
+    /// What differs between a checkpoint's data (`self`) and the job's (`now`), if anything.
+    pub fn differences(&self, now: &DataIdentity) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut diff = |what: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{what} {a} in the checkpoint, {b} now"));
+            }
+        };
+        diff("samples", self.samples.to_string(), now.samples.to_string());
+        diff(
+            "listing fingerprint",
+            format!("{:016x}", self.fingerprint),
+            format!("{:016x}", now.fingerprint),
+        );
+        diff("seed", self.seed.to_string(), now.seed.to_string());
+        diff(
+            "shard_window",
+            self.shard_window.to_string(),
+            now.shard_window.to_string(),
+        );
+        diff(
+            "shuffle_buffer",
+            self.shuffle_buffer.to_string(),
+            now.shuffle_buffer.to_string(),
+        );
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,8 +125,12 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 
 /// Writes `bytes` to `path` atomically: temp file beside it, fsync, rename, fsync the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    // Unique per process and per call, so that two threads (or two processes on shared
+    // storage) never write the same temp file; `prune` removes ones a crash left behind.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
+    tmp.push(format!(".tmp{}-{n}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -146,11 +200,16 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Keeps the newest `keep` committed checkpoints and removes interrupted writes.
-pub fn prune(dir: &Path, keep: usize) -> std::io::Result<()> {
+/// Keeps the newest `keep` committed checkpoints, never `just_committed`, and removes
+/// interrupted writes (folders without a manifest, temp files of crashed writers).
+pub fn prune(dir: &Path, keep: usize, just_committed: &Path) -> std::io::Result<()> {
     for old in list(dir).into_iter().skip(keep) {
-        std::fs::remove_dir_all(&old)?;
+        if old != just_committed {
+            std::fs::remove_dir_all(&old)?;
+        }
     }
+    remove_stale_temp_files(dir);
+    remove_stale_temp_files(just_committed);
     if let Ok(entries) = std::fs::read_dir(dir) {
         for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
             let is_ckpt = p
@@ -162,6 +221,58 @@ pub fn prune(dir: &Path, keep: usize) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Removes `*.tmp<pid>-<n>` files that a writer left when it crashed (older than a minute, so
+/// that a write in progress is never touched).
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60));
+        if name.contains(".tmp") && stale && e.path().is_file() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// A fresh run must not write into a folder that holds another run's checkpoints (its
+/// pruning would delete them, and a resume would mix the two): the error names them.
+pub fn refuse_foreign(dir: &Path) -> Result<(), String> {
+    let found = list(dir);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = found
+        .iter()
+        .take(3)
+        .map(|p| {
+            p.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        })
+        .collect();
+    Err(format!(
+        "{} already holds the checkpoints of a run ({}{}): resume it with --resume, or give \
+         [checkpoint] dir a new folder (or delete this one) to start over",
+        dir.display(),
+        names.join(", "),
+        if found.len() > 3 { ", ..." } else { "" }
+    ))
+}
+
+/// Makes `folder`'s entry in its parent durable (after creating it).
+pub fn sync_parent(folder: &Path) -> std::io::Result<()> {
+    match folder.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// Reads a checkpoint's manifest and checks every file against its SHA-256.

@@ -56,6 +56,10 @@ pub struct Abandoned {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Barrier {
     pending: Option<Pending>,
+    /// (generation, step) of the last checkpoint abandoned at its deadline: a late vote for it
+    /// is refused, not taken for a new request (which no other rank would vote for again).
+    #[serde(default)]
+    abandoned: Option<(u64, u64)>,
 }
 
 impl Barrier {
@@ -79,6 +83,14 @@ impl Barrier {
     ) -> Result<(), String> {
         if let Some(p) = &self.pending {
             return Err(format!("checkpoint at step {} is still pending", p.step));
+        }
+        if self
+            .abandoned
+            .is_some_and(|(g, s)| g == generation && step <= s)
+        {
+            return Err(format!(
+                "the checkpoint at step {step} was abandoned (a rank did not vote in time)"
+            ));
         }
         if world == 0 {
             return Err("no ranks to checkpoint".into());
@@ -144,7 +156,9 @@ impl Barrier {
         if !expired {
             return None;
         }
-        self.pending.take().map(|p| Abandoned {
+        let p = self.pending.take()?;
+        self.abandoned = Some((p.generation, p.step));
+        Some(Abandoned {
             step: p.step,
             missing_ranks: (0..p.world).filter(|r| !p.votes.contains_key(r)).collect(),
         })
@@ -229,11 +243,14 @@ mod tests {
             })
         );
         assert_eq!(b.pending_step(), None);
-        // A late vote for the abandoned checkpoint commits nothing.
+        // A late vote for the abandoned checkpoint commits nothing, and cannot re-open it as
+        // a new request that no other rank would vote for again.
         assert!(matches!(
             b.vote(1, 1, 100, files(1)),
             VoteOutcome::Refused(_)
         ));
+        let reopened = b.request(100, 1, 3, 2000).expect_err("not re-opened");
+        assert!(reopened.contains("abandoned"), "{reopened}");
         b.request(200, 1, 3, 3000).expect("the next one can start");
     }
 }

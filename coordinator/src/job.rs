@@ -94,6 +94,9 @@ pub struct JobState {
     hosts: std::collections::BTreeMap<String, String>,
     /// Workers that gave up (left without finishing), and why.
     gave_up: std::collections::BTreeMap<String, String>,
+    /// (generation, step, worker): a member is terminating; the group checkpoints after that
+    /// step and re-forms without it.
+    drain: Option<(u64, u64, String)>,
     committed: Option<Committed>,
     /// Rank 0's vote (folder and files) for the pending checkpoint.
     pending_folder: Option<(PathBuf, Vec<FileEntry>, Position)>,
@@ -189,6 +192,7 @@ impl JobState {
             rendezvous: Rendezvous::default(),
             hosts: Default::default(),
             gave_up: Default::default(),
+            drain: None,
             committed,
             pending_folder: None,
             finished: BTreeSet::new(),
@@ -348,6 +352,34 @@ impl JobState {
 
     pub fn rank_of(&self, worker: &str) -> Option<usize> {
         self.membership.assignment_of(worker).map(|a| a.rank)
+    }
+
+    /// `worker` got SIGTERM: the running group checkpoints after a step every rank reaches only
+    /// after hearing of it (as for hyperparameter changes), waits for the commit, and re-forms
+    /// without it. Returns that step (the same for repeated calls).
+    pub fn terminating(&mut self, worker: &str) -> Option<u64> {
+        let generation = self.membership.generation();
+        self.rank_of(worker)?;
+        if let Some((g, step, _)) = &self.drain
+            && *g == generation
+        {
+            return Some(*step);
+        }
+        let reported = self.progress.values().map(|p| p.0).max().unwrap_or(0);
+        let step = reported + 2 * self.job.train.log_every + 1;
+        self.log.push(format!(
+            "{worker} is terminating: the group checkpoints after step {step} and re-forms without it"
+        ));
+        self.drain = Some((generation, step, worker.to_owned()));
+        Some(step)
+    }
+
+    /// The step the running group drains after, if a member is terminating.
+    pub fn drain_at(&self) -> Option<u64> {
+        self.drain
+            .as_ref()
+            .filter(|(g, _, _)| self.membership.is_current(*g))
+            .map(|(_, step, _)| *step)
     }
 
     /// Records the address `worker` advertises for the collective's traffic.
@@ -609,7 +641,7 @@ impl JobState {
             changes: self.changes.clone(),
         };
         checkpoint::commit(&folder, &manifest).map_err(|e| format!("{}: {e}", folder.display()))?;
-        checkpoint::prune(&self.job.checkpoint.dir, self.job.checkpoint.keep)
+        checkpoint::prune(&self.job.checkpoint.dir, self.job.checkpoint.keep, &folder)
             .map_err(|e| e.to_string())?;
         self.log.push(format!(
             "committed {} (step {}, epoch {}, consumed {})",
@@ -648,6 +680,11 @@ impl JobState {
         let before = self.membership.generation();
         self.membership.leave(worker, now);
         self.after_membership_change(before);
+    }
+
+    /// How long a checkpoint waits for every rank's vote before it is abandoned.
+    pub fn set_vote_timeout(&mut self, ms: u64) {
+        self.vote_timeout_ms = ms.max(1);
     }
 
     /// A group whose global step does not advance for `ms` (0: off) is ended and re-formed: a

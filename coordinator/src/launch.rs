@@ -33,6 +33,8 @@ pub struct ServeOptions {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// End a group whose step does not advance for this long (0: never).
     pub progress_timeout_ms: u64,
+    /// How long a checkpoint waits for every rank's vote before it is abandoned.
+    pub vote_timeout_ms: u64,
 }
 
 /// Serves the job until every worker has finished (or Ctrl-C). `ready` receives the bound
@@ -52,12 +54,17 @@ pub async fn serve(
         );
         return Ok(());
     }
+    if !opts.resume {
+        axial_common::checkpoint::refuse_foreign(&job.checkpoint.dir)
+            .map_err(anyhow::Error::msg)?;
+    }
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listen on {}", opts.listen))?;
     let addr = listener.local_addr()?;
     let mut state = JobState::new(job, opts.members, opts.resume);
     state.set_progress_timeout(opts.progress_timeout_ms);
+    state.set_vote_timeout(opts.vote_timeout_ms);
     if let Some(c) = state.committed() {
         eprintln!(
             "coordinator: resuming from {} (step {})",
@@ -105,10 +112,20 @@ pub async fn serve(
         let _ = tx.send(addr);
     }
     eprintln!("coordinator: listening on {addr}");
+    // SIGTERM (a preempted pod, a time limit): the job's state is on disk already (the
+    // committed checkpoints, coordinator.json); stop, and exit with an error so that a
+    // supervisor starts a coordinator again, with --resume. The workers wait for it.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("a SIGTERM handler")?;
+    let (terminated_tx, terminated_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         tokio::select! {
             () = done => {}
             _ = tokio::signal::ctrl_c() => eprintln!("coordinator: interrupted"),
+            _ = sigterm.recv() => {
+                eprintln!("coordinator: terminated (SIGTERM); start it again with --resume to go on");
+                let _ = terminated_tx.send(());
+            }
         }
     };
     // Connections from workers that stopped answering (a dead host, a cut link) are closed
@@ -128,6 +145,11 @@ pub async fn serve(
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
+    if let Ok(()) = terminated_rx.await {
+        bail!(
+            "terminated (SIGTERM); the job goes on with a coordinator started again with --resume"
+        );
+    }
     Ok(())
 }
 
@@ -213,6 +235,7 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
         http_tls: None,
         tls: None,
         progress_timeout_ms: o.progress_timeout_s * 1000,
+        vote_timeout_ms: 120_000,
     };
     let server = rt.spawn(serve(job, opts, Some(tx)));
     let addr = rt.block_on(rx).context("the coordinator did not start")?;

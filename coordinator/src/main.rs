@@ -76,6 +76,10 @@ enum Command {
         /// longest evaluation or checkpoint.
         #[arg(long, default_value_t = 0)]
         progress_timeout: u64,
+        /// Seconds a checkpoint waits for every rank's vote before it is abandoned (keep it
+        /// above the longest checkpoint write).
+        #[arg(long, default_value_t = 120)]
+        vote_timeout: u64,
         /// Serve plain gRPC on an address other hosts can reach (without TLS the job token and
         /// the collective's rendezvous cross the network in clear text). Needed to serve
         /// without --tls-cert/--tls-key anywhere but on loopback.
@@ -151,12 +155,19 @@ fn main() {
             progress_timeout,
             tls,
             insecure,
+            vote_timeout,
         } => serve_cmd(
             tls,
             &job,
             (listen, insecure),
             &token_file,
-            (workers, min, heartbeat_timeout, progress_timeout),
+            (
+                workers,
+                min,
+                heartbeat_timeout,
+                progress_timeout,
+                vote_timeout,
+            ),
             resume,
             http,
         ),
@@ -230,7 +241,13 @@ fn serve_cmd(
     job: &std::path::Path,
     (listen, insecure): (std::net::SocketAddr, bool),
     token_file: &std::path::Path,
-    (workers, min, heartbeat_timeout, progress_timeout): (usize, Option<usize>, u64, u64),
+    (workers, min, heartbeat_timeout, progress_timeout, vote_timeout): (
+        usize,
+        Option<usize>,
+        u64,
+        u64,
+        u64,
+    ),
     resume: bool,
     http: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
@@ -242,6 +259,10 @@ fn serve_cmd(
     anyhow::ensure!(
         heartbeat_timeout >= 1,
         "--heartbeat-timeout must be at least 1 second"
+    );
+    anyhow::ensure!(
+        vote_timeout >= 1,
+        "--vote-timeout must be at least 1 second"
     );
     let http_tls = match (&tls.tls_cert, &tls.tls_key) {
         (Some(cert), Some(key)) => Some(axial_coordinator::http::TlsFiles {
@@ -301,6 +322,7 @@ fn serve_cmd(
         http_tls,
         tls,
         progress_timeout_ms: progress_timeout * 1000,
+        vote_timeout_ms: vote_timeout * 1000,
     };
     let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
     rt.block_on(serve(config, opts, None))

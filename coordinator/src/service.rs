@@ -263,12 +263,16 @@ impl Coordinator for Service {
         let now = self.now();
         let mut state = self.lock();
         let reply = state.heartbeat(&r.worker_id, r.generation, now);
-        if matches!(reply, Hb::Ok) && r.phase != "alive" {
+        if matches!(reply, Hb::Ok) && r.phase == "train" {
             state.record_progress(&r.worker_id, r.step, r.loss, r.images_per_second, now);
+        }
+        if matches!(reply, Hb::Ok) && r.phase == "terminating" {
+            state.terminating(&r.worker_id);
         }
         let reply = match reply {
             Hb::Ok => HeartbeatReply {
                 changes: state.changes().iter().map(Into::into).collect(),
+                drain_at_step: state.drain_at().unwrap_or(0),
                 ..Default::default()
             },
             Hb::Abort { .. } => HeartbeatReply {

@@ -2,7 +2,8 @@
 //! and the job must end exactly where an uninterrupted run of it ends.
 //!
 //! Faults: SIGKILL of a worker, SIGKILL of the coordinator (started again with `--resume`),
-//! SIGSTOP of a worker for a random time, SIGTERM of a worker, and a worker's link cut for a
+//! SIGSTOP of a worker for a random time, SIGTERM of a worker (it drains the group, leaves and
+//! exits 143; a replacement joins), and a worker's link cut for a
 //! random time (on a virtual cluster: each process on a host of its own; where namespaces
 //! cannot be made, everything runs on loopback and the link fault is left out). A supervisor
 //! starts a worker that died again under its id, as `launch --max-restarts` and the Kubernetes
@@ -254,6 +255,26 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Like [`Self::wait_for`], but `None` if the coordinator ends first (the job finished).
+    fn wait_for_or_end(&mut self, hit: impl Fn(&str) -> bool, limit: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.supervise();
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok((line, at)) => {
+                    let found = hit(&line);
+                    self.seen.push((line, at));
+                    if found {
+                        return Some(at);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            assert!(Instant::now() < deadline, "waited {limit:?} in vain");
+        }
+    }
+
     /// Starts a worker that died (not one that finished) again under its id.
     fn supervise(&mut self) {
         for i in 0..self.workers.len() {
@@ -360,6 +381,8 @@ fn trial(
     );
     match fault {
         Fault::KillWorker => signal(run.pid(victim), "-KILL"),
+        // It drains the group and leaves, exiting 143; the supervisor starts a replacement,
+        // as the Job controller or Slurm's requeue would.
         Fault::TermWorker => signal(run.pid(victim), "-TERM"),
         Fault::StopWorker => {
             signal(run.pid(victim), "-STOP");
@@ -385,7 +408,9 @@ fn trial(
     // Detection: the coordinator names the fault (a lost, failed or restarted member), or,
     // for its own death, its successor forms a group. Recovery: the first commit after the
     // group formed again.
-    let formed = run.wait_for(|l| l.contains("Formed"), Duration::from_secs(120));
+    // (A fault late in the job may meet its end instead: a worker terminated near the last
+    // step finishes it, and no group forms again.)
+    let formed = run.wait_for_or_end(|l| l.contains("Formed"), Duration::from_secs(120));
     let after_formed = run.seen.len();
     let detected = run.seen[..after_formed]
         .iter()
@@ -394,12 +419,16 @@ fn trial(
                 && (l.contains("Lost")
                     || l.contains("Failed")
                     || l.contains("Restarted")
+                    || l.contains("terminating")
                     || l.contains("Formed"))
         })
         .map(|(_, t)| t.duration_since(hit).as_secs_f64());
-    let recovered = run
-        .wait_for(|l| committed_step(l).is_some(), Duration::from_secs(120))
-        .max(formed);
+    let recovered = match formed {
+        Some(formed) => run
+            .wait_for_or_end(|l| committed_step(l).is_some(), Duration::from_secs(120))
+            .map(|t| t.max(formed)),
+        None => None,
+    };
     run.finish();
     // The outcome: exactly once, identical replicas, the uninterrupted run's bytes.
     assert_each_sample_once(dir, 2, TRAIN);
@@ -426,8 +455,12 @@ fn trial(
         fault,
         moment,
         detect: detected,
-        recover: Some(recovered.duration_since(hit).as_secs_f64()),
-        outcome: "finished; exactly once; replicas equal; final files identical".into(),
+        recover: recovered.map(|t| t.duration_since(hit).as_secs_f64()),
+        outcome: if formed.is_some() {
+            "finished; exactly once; replicas equal; final files identical".into()
+        } else {
+            "the job ended first; exactly once; replicas equal; final files identical".into()
+        },
     }
 }
 

@@ -261,19 +261,7 @@ fn coordinator_killed_mid_run_comes_back_and_the_job_finishes() {
     let port = free_port();
     let (mut first, lines) = serve(dir, port, false);
     until(&lines, "listening on");
-    let mut workers: Vec<std::process::Child> = (0..2)
-        .map(|i| {
-            let log = std::fs::File::create(dir.join(format!("w{i}.log"))).expect("log");
-            Command::new(bin("axial-worker"))
-                .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
-                .args(["--worker-id", &format!("w{i}"), "--token-file"])
-                .arg(dir.join("token"))
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("worker")
-        })
-        .collect();
+    let mut workers: Vec<std::process::Child> = (0..2).map(|i| join(dir, port, i)).collect();
     until(&lines, "(step 10,");
     first.kill().expect("kill the coordinator");
     let _ = first.wait();
@@ -311,6 +299,78 @@ fn coordinator_killed_mid_run_comes_back_and_the_job_finishes() {
     let a = std::fs::read_to_string(dir.join("ckpt/replica-0.sha256")).expect("rank 0");
     let b = std::fs::read_to_string(dir.join("ckpt/replica-1.sha256")).expect("rank 1");
     assert_eq!(a, b, "replicas differ");
+}
+
+/// `axial-worker join` as `w<i>` to the coordinator on `port`, appending to `w<i>.log`.
+fn join(dir: &Path, port: u16, i: usize) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("w{i}.log")))
+        .expect("log");
+    Command::new(bin("axial-worker"))
+        .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
+        .args(["--worker-id", &format!("w{i}"), "--token-file"])
+        .arg(dir.join("token"))
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("worker")
+}
+
+/// SIGTERM to a worker (a preempted pod, a time limit): the group checkpoints after a step
+/// every rank reaches only after hearing of it, waits for the commit, and the worker leaves
+/// and exits with 143, saying so; its replacement (same id) joins, and the job resumes from that
+/// checkpoint, nothing lost, every sample once per epoch.
+#[test]
+fn a_terminated_worker_leaves_after_a_group_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::write(dir.join("job.toml"), long_job()).expect("write");
+    std::fs::write(dir.join("token"), "a-test-token-of-enough-length").expect("write");
+    let port = free_port();
+    let (mut coordinator, lines) = serve(dir, port, false);
+    until(&lines, "listening on");
+    let mut workers: Vec<std::process::Child> = (0..2).map(|i| join(dir, port, i)).collect();
+    until(&lines, "(step 5,");
+    let pid = workers[1].id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let seen = until(&lines, "is terminating");
+    let step: u64 = seen
+        .last()
+        .and_then(|l| l.split("after step ").nth(1))
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the drain step");
+    until(&lines, &format!("(step {step},"));
+    let status = workers[1].wait().expect("wait");
+    let log = std::fs::read_to_string(dir.join("w1.log")).expect("log");
+    // As a terminated process exits: a supervisor replaces it.
+    assert_eq!(status.code(), Some(143), "w1 exited with {status}:\n{log}");
+    assert!(
+        log.contains(&format!(
+            "terminated (SIGTERM) after the group's checkpoint at step {step}"
+        )),
+        "{log}"
+    );
+    // The replacement, as Kubernetes or Slurm would start it.
+    workers[1] = join(dir, port, 1);
+    for (i, w) in workers.iter_mut().enumerate() {
+        wait_ok(w, &format!("worker w{i}"));
+    }
+    wait_ok(&mut coordinator, "the coordinator");
+    let log = std::fs::read_to_string(dir.join("w0.log")).expect("log");
+    assert!(
+        log.contains(&format!("ckpt-{step:010}")),
+        "w0 resumed from the drain checkpoint:\n{log}"
+    );
+    assert_finished_exactly_once(dir, 2);
 }
 
 /// The process id of worker `id` of the launch in `dir` (found by its token file's path).

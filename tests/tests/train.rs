@@ -174,6 +174,40 @@ fn resume_refuses_another_model_and_bad_jobs_fail_clearly() {
             .join("model.safetensors")
             .exists()
     );
+    // So is a resume on other training data, or with another seed: the ledger's prefix would
+    // name other samples.
+    for (from, to, what) in [
+        (
+            "train = 200",
+            "train = 208",
+            "samples 200 in the checkpoint, 208 now",
+        ),
+        ("seed = 3", "seed = 4", "seed 3 in the checkpoint, 4 now"),
+    ] {
+        std::fs::write(&job, JOB.replace(from, to)).expect("write");
+        let out = train(&job, &["--resume"]);
+        assert!(!out.status.success(), "{to}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("other training data") && err.contains(what),
+            "{err}"
+        );
+    }
+    // A fresh run (no --resume) in the folder of another run's checkpoints is refused, naming
+    // them, and they stay.
+    std::fs::write(&job, JOB).expect("write");
+    let out = train(&job, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already holds the checkpoints") && err.contains("ckpt-0000000002"),
+        "{err}"
+    );
+    assert!(
+        newest_checkpoint(&tmp.path().join("ckpt"))
+            .join("model.safetensors")
+            .exists()
+    );
 
     std::fs::write(
         &job,
@@ -183,6 +217,59 @@ fn resume_refuses_another_model_and_bad_jobs_fail_clearly() {
     let out = train(&job, &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bach"));
+}
+
+/// SIGTERM to `train` (a preempted node, a time limit): it checkpoints after the step in
+/// progress and exits 0; `--resume` then ends bit-identical to a run that was never stopped.
+#[test]
+fn a_terminated_run_checkpoints_and_resumes_bit_identical() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let straight = write_job(&tmp.path().join("straight"), JOB);
+    let stopped = write_job(&tmp.path().join("stopped"), JOB);
+    assert!(train(&straight, &[]).status.success());
+    let child = Command::new(bin("axial-worker"))
+        .arg("train")
+        .arg(&stopped)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("train");
+    // Let it train a few steps (the first periodic checkpoint is at step 4).
+    let ckpt = tmp.path().join("stopped/ckpt");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ckpt.join("ckpt-0000000004/manifest.json").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint at step 4"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}{stderr}");
+    assert!(out.status.success(), "exit {}", out.status);
+    assert!(stderr.contains("terminated (SIGTERM)"), "{stderr}");
+    assert!(stdout.contains("stopped after"), "{stdout}");
+    assert!(train(&stopped, &["--resume"]).status.success());
+    let a =
+        tensors(&newest_checkpoint(&tmp.path().join("straight/ckpt")).join("model.safetensors"));
+    let b = tensors(&newest_checkpoint(&ckpt).join("model.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        assert!(
+            t.equal(&b[name]),
+            "{name} differs after SIGTERM and --resume"
+        );
+    }
 }
 
 /// GPU: a few steps in bf16 and fp16 autocast on CUDA. Compiled always; skipped without a GPU.

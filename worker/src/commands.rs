@@ -1,6 +1,8 @@
 //! The `train`, `predict` and `prepare` commands (their arguments and what they print).
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use axial_common::JobConfig;
@@ -38,12 +40,17 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
             eprintln!("metrics: http://{bound}/metrics");
         }
     }
+    // SIGTERM (a preempted node, a time limit): checkpoint after the step in progress, stop.
+    let terminate = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, terminate.clone())
+        .context("a SIGTERM handler")?;
     let opts = RunOptions {
         resume: args.resume,
         resume_from: None,
         stop_after_steps: args.stop_after_steps,
         quiet: args.quiet,
         sample_log: ("train".into(), 0),
+        terminate: Some(terminate),
     };
     let s = run(&job, &opts, &metrics, None)?;
     println!(

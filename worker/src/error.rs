@@ -55,6 +55,11 @@ pub enum Error {
     #[error("coordinator: {0}")]
     Coordinator(String),
 
+    /// The worker got SIGTERM and stopped after the checkpoint at this step (0: before
+    /// training).
+    #[error("terminated (SIGTERM) after the checkpoint at step {0}")]
+    Terminated(u64),
+
     /// This generation of the group is over (aborted by the coordinator, a peer gone, the
     /// coordinator unreachable): a distributed worker joins again and resumes from the last
     /// committed checkpoint.

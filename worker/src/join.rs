@@ -127,6 +127,7 @@ struct Liveness {
 
 impl Liveness {
     fn start(session: &Session, step: Arc<AtomicU64>) -> Self {
+        let terminate = session.terminate.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(AtomicBool::new(false));
         let group: Arc<Mutex<Option<Arc<ProcessGroup>>>> = Arc::new(Mutex::new(None));
@@ -151,11 +152,16 @@ impl Liveness {
                             .map(|c| CoordinatorClient::with_interceptor(c, token.clone()));
                     }
                     if let Some(c) = client.as_mut() {
+                        let phase = if terminate.load(Ordering::Relaxed) {
+                            "terminating"
+                        } else {
+                            "alive"
+                        };
                         let req = HeartbeatRequest {
                             worker_id: worker_id.clone(),
                             generation,
                             step: step.load(Ordering::Relaxed),
-                            phase: "alive".into(),
+                            phase: phase.into(),
                             ..Default::default()
                         };
                         let req = axial_proto::deadline::call(req);
@@ -231,6 +237,11 @@ struct Session {
     step: Arc<AtomicU64>,
     /// The address this worker advertises for the collective's traffic.
     host: String,
+    /// Set on SIGTERM.
+    terminate: Arc<AtomicBool>,
+    /// The step the running group drains after (a member is terminating), as the coordinator
+    /// last said.
+    drain_at: Option<u64>,
 }
 
 /// Whether a failed call means the coordinator is (for now) out of reach.
@@ -313,6 +324,9 @@ impl Session {
     fn rendezvous(&mut self, mut abandoned: Option<(u64, String)>) -> Result<JoinReply> {
         let mut unreachable_since: Option<Instant> = None;
         loop {
+            if self.terminate.load(Ordering::Relaxed) {
+                return Err(Error::Terminated(0));
+            }
             let (gen_, reason) = abandoned.clone().unwrap_or_default();
             let req = JoinRequest {
                 worker_id: self.worker_id.clone(),
@@ -376,6 +390,7 @@ impl Coordination for Session {
             return Err(Error::Coordinator("the coordinator stopped the job".into()));
         }
         self.changes = reply.changes.iter().map(Into::into).collect();
+        self.drain_at = (reply.drain_at_step != 0).then_some(reply.drain_at_step);
         Ok(())
     }
 
@@ -406,21 +421,22 @@ impl Coordination for Session {
             r => r?,
         };
         if !reply.accepted {
-            let why = format!(
+            // The group cannot go on past a checkpoint it did not commit: re-form and resume
+            // from the last committed one (the coordinator logged why).
+            return Err(Error::Regroup(format!(
                 "checkpoint vote for step {} refused: {}",
                 pos.step, reply.reason
-            );
-            return Err(if reply.reason.starts_with("stale generation") {
-                Error::Regroup(why)
-            } else {
-                Error::Coordinator(why)
-            });
+            )));
         }
         Ok(())
     }
 
     fn changes(&self) -> &[HyperParameterChange] {
         &self.changes
+    }
+
+    fn drain_at(&self) -> Option<u64> {
+        self.drain_at
     }
 }
 
@@ -467,6 +483,10 @@ fn default_env(key: &str, value: &str) {
 }
 
 pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
+    // SIGTERM (a preempted pod, a time limit): the group checkpoints, this worker leaves.
+    let terminate = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, terminate.clone())
+        .context("a SIGTERM handler")?;
     if let Some(iface) = &args.iface {
         // NCCL's bootstrap and data sockets, and Gloo's (for tools that read the variable).
         default_env("NCCL_SOCKET_IFNAME", iface);
@@ -533,6 +553,8 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         patience: Duration::from_secs(args.wait_coordinator),
         step: Arc::new(AtomicU64::new(0)),
         host: advertised.host.clone(),
+        terminate,
+        drain_at: None,
     };
     let metrics = WorkerMetrics::new();
     let mut serving_metrics = false;
@@ -540,13 +562,17 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
     let mut regroups = 0u64;
     let mut setup_failures = 0u32;
     loop {
-        let reply = session.rendezvous(abandoned.take())?;
+        let reply = match session.rendezvous(abandoned.take()) {
+            Err(Error::Terminated(step)) => return terminated(&mut session, step),
+            r => r?,
+        };
         if reply.status == v1::join_reply::Status::Finished as i32 {
             eprintln!("{worker_id}: the job has finished; nothing to join");
             return Ok(());
         }
         session.generation = reply.generation;
         session.changes = reply.changes.iter().map(Into::into).collect();
+        session.drain_at = None;
         let result = run_generation(
             &mut session,
             args,
@@ -557,6 +583,7 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         );
         match result {
             Ok(()) => break,
+            Err(Error::Terminated(step)) => return terminated(&mut session, step),
             Err(Error::Setup(why))
                 if permanent_setup_error(&why) || setup_failures + 1 >= args.max_setup_failures =>
             {
@@ -604,6 +631,28 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
     session.call(|mut c| async move { c.leave(axial_proto::deadline::call(req)).await })?;
     Ok(())
 }
+
+/// SIGTERM: tell the coordinator why this worker leaves (after the group's checkpoint at
+/// `step`, or before training), and end as a terminated process.
+fn terminated(session: &mut Session, step: u64) -> anyhow::Result<()> {
+    let reason = if step > 0 {
+        format!("terminated (SIGTERM) after the group's checkpoint at step {step}")
+    } else {
+        "terminated (SIGTERM) before training".to_owned()
+    };
+    let req = LeaveRequest {
+        worker_id: session.worker_id.clone(),
+        finished: false,
+        reason: reason.clone(),
+    };
+    let _ = session.call(|mut c| async move { c.leave(axial_proto::deadline::call(req)).await });
+    Err(Terminated(format!("{}: {reason}; left the group", session.worker_id)).into())
+}
+
+/// A worker that left its group on SIGTERM (`main` exits with 143).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Terminated(pub String);
 
 /// One generation: form the group through the coordinator's rendezvous store, train (from the
 /// committed checkpoint, if any) to the end of the job, and wait for every rank's final vote.
@@ -679,6 +728,7 @@ fn run_generation(
         stop_after_steps: None,
         quiet: false,
         sample_log: (worker_id.clone(), reply.generation),
+        terminate: Some(session.terminate.clone()),
     };
     let summary = run(
         &job,

@@ -45,6 +45,13 @@ fn main() {
             .context("demo failed"),
     };
     if let Err(e) = result {
+        // A worker that left its group on SIGTERM exits as a terminated process does (128 +
+        // 15), so that a supervisor (a Job controller, Slurm) replaces it rather than counting
+        // its work as done.
+        if let Some(t) = e.downcast_ref::<axial_worker::join::Terminated>() {
+            eprintln!("{t}");
+            std::process::exit(143);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -92,4 +92,19 @@ impl Source for ImageFolder {
     fn class_names(&self) -> Vec<String> {
         self.classes.clone()
     }
+
+    /// Each sample's class folder and file name, in index order.
+    fn listing(&self) -> Vec<String> {
+        self.files
+            .iter()
+            .map(|(path, label)| {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                format!(
+                    "{} {}",
+                    self.classes[*label as usize],
+                    name.unwrap_or_default()
+                )
+            })
+            .collect()
+    }
 }

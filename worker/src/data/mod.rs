@@ -23,6 +23,7 @@ pub mod webdataset;
 
 use std::path::PathBuf;
 
+use axial_common::checkpoint::DataIdentity;
 use axial_common::job::{DataConfig, DataFormat, Split};
 use axial_common::plan::{Layout, Shard};
 
@@ -92,6 +93,44 @@ pub trait Source: Send + Sync {
     /// `None` for one that reads any sample at any moment.
     fn shards(&self) -> Option<Vec<Shard>> {
         None
+    }
+    /// What identifies this split's samples and their order of ids, hashed into the
+    /// checkpoint's data identity: by default the count and the class names; sources with a
+    /// listing (files, shards) hash it.
+    fn listing(&self) -> Vec<String> {
+        let mut v = vec![self.len().to_string()];
+        v.extend(self.class_names());
+        v
+    }
+}
+
+/// The data identity of `source` under the job's settings, recorded with every checkpoint and
+/// checked on resume.
+pub fn identity(source: &dyn Source, data: &DataConfig, seed: u64) -> DataIdentity {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for line in source.listing() {
+        h.update(line.as_bytes());
+        h.update(b"\n");
+    }
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let sharded = source.shards().is_some();
+    DataIdentity {
+        samples: source.len() as u64,
+        fingerprint: u64::from_be_bytes(first),
+        seed,
+        shard_window: if sharded {
+            data.shard_window() as u64
+        } else {
+            0
+        },
+        shuffle_buffer: if sharded {
+            data.shuffle_buffer() as u64
+        } else {
+            0
+        },
     }
 }
 

@@ -194,6 +194,21 @@ impl Source for WebDataset {
         self.classes.clone()
     }
 
+    /// Each sample's shard file name and key, in index order.
+    fn listing(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let shard = self.shards[e.shard].file_name();
+                format!(
+                    "{} {}",
+                    shard.map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                    e.key
+                )
+            })
+            .collect()
+    }
+
     /// Entries are indexed shard by shard, so each shard is a run of consecutive ids.
     fn shards(&self) -> Option<Vec<Shard>> {
         let mut counts = vec![0u64; self.shards.len()];

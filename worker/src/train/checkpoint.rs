@@ -58,6 +58,8 @@ pub fn write_files(
         std::fs::remove_dir_all(&folder).map_err(io_err(&folder))?;
     }
     std::fs::create_dir_all(&folder).map_err(io_err(&folder))?;
+    // The folder's entry is durable before anything in it counts.
+    axial_common::checkpoint::sync_parent(&folder).map_err(io_err(&folder))?;
     write_tensors_atomic(&folder.join("model.safetensors"), model)?;
     write_tensors_atomic(&folder.join("optimizer.safetensors"), optimizer)?;
     let state = serde_json::to_string_pretty(&pos).map_err(|e| Error::Write {
@@ -171,7 +173,7 @@ impl Writer {
                 if let Some(keep) = keep {
                     commit(&folder, &manifest(&job, pos, 1, files.clone()))
                         .map_err(io_err(&folder))?;
-                    prune(&dir, keep).map_err(io_err(&dir))?;
+                    prune(&dir, keep, &folder).map_err(io_err(&dir))?;
                 }
                 Ok(Written {
                     pos,

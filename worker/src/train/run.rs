@@ -26,6 +26,11 @@ pub trait Coordination {
     fn changes(&self) -> &[HyperParameterChange] {
         &[]
     }
+    /// A member is terminating: the step after which every rank checkpoints, waits for the
+    /// commit and leaves the group (the same on every rank).
+    fn drain_at(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The group and the coordinator of a distributed run.
@@ -77,6 +82,9 @@ pub struct RunOptions {
     /// With `[data] log_samples`: this worker's name in the log's file name, and the
     /// generation its lines carry (0 for a single worker).
     pub sample_log: (String, u64),
+    /// Set on SIGTERM: alone, the run checkpoints after the step in progress and stops; in a
+    /// group, it asks the coordinator to drain the group (see `Coordination::drain_at`).
+    pub terminate: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -288,6 +296,7 @@ pub fn run(
         ));
     }
     let layout = data::layout(train_src.as_ref(), &job.data);
+    let identity = data::identity(train_src.as_ref(), &job.data, seed);
     let schedule = Schedule::new(job, job.peak_lr(global_batch as i64));
     let size = job.image_size() as u32;
     let transform = Transform::new(size, job.data.augment.clone());
@@ -332,11 +341,34 @@ pub fn run(
             Some(checkpoint::load(folder, manifest, job, &model)?)
         }
         (None, true) => checkpoint::load_latest(&ckpt_dir, job, &model)?,
+        // A fresh run alone (in a group the coordinator decides, and checks).
+        (None, false) if dist.is_none() => {
+            axial_common::checkpoint::refuse_foreign(&ckpt_dir)
+                .map_err(|m| config_err("checkpoint.dir", &m))?;
+            None
+        }
         (None, false) => None,
     };
     match loaded {
         Some(loaded) => {
             pos = loaded.manifest.position;
+            // The ledger counts a prefix of this data's order: other data, another seed or
+            // another shard window would make it name other samples.
+            if let Some(saved) = &pos.data {
+                let differences = saved.differences(&identity);
+                if !differences.is_empty() {
+                    return Err(config_err(
+                        "data",
+                        &format!(
+                            "{} was written for other training data ({}); resuming would skip or \
+                             repeat samples. Resume with the data it was trained on, or start a \
+                             new run in another [checkpoint] dir",
+                            loaded.dir.display(),
+                            differences.join("; ")
+                        ),
+                    ));
+                }
+            }
             optimizer
                 .load_state(pos.step, loaded.optimizer)
                 .map_err(|message| Error::BadTensor {
@@ -360,6 +392,7 @@ pub fn run(
         }
         None => {}
     }
+    pos.data = Some(identity);
     let sync = match &dist {
         Some(d) if world > 1 => {
             broadcast_state(
@@ -605,7 +638,15 @@ pub fn run(
             }
             progress.step(pos.step, message);
             let end_of_epoch = s + 1 == steps.steps();
-            let stop = opts.stop_after_steps.is_some_and(|n| pos.step >= n);
+            let terminated = dist.is_none() && terminating(opts);
+            if terminated {
+                progress.note(&format!(
+                    "terminated (SIGTERM): checkpoint after step {}; continue with --resume",
+                    pos.step
+                ));
+            }
+            let stop = opts.stop_after_steps.is_some_and(|n| pos.step >= n) || terminated;
+            let drain = drain_step(dist.as_ref()) == Some(pos.step);
             let periodic = current.checkpoint.every_steps > 0
                 && pos.step.is_multiple_of(current.checkpoint.every_steps);
             // A write finished on the writer thread: committed (alone) or to vote for (rank 0).
@@ -627,6 +668,27 @@ pub fn run(
             if stop && !end_of_epoch {
                 stopped_early = true;
                 break 'epochs;
+            }
+            if drain && !end_of_epoch {
+                if !periodic {
+                    checkpoint_at(
+                        &model,
+                        &optimizer,
+                        pos,
+                        rank,
+                        dist.as_mut(),
+                        &mut writer,
+                        metrics,
+                    )?;
+                }
+                return Err(drain_now(
+                    rank,
+                    dist.as_mut(),
+                    &mut writer,
+                    metrics,
+                    pos,
+                    opts,
+                ));
             }
         }
         drop(loader);
@@ -678,7 +740,19 @@ pub fn run(
             metrics,
         )?
         .or(last_checkpoint);
-        if opts.stop_after_steps.is_some_and(|n| pos.step >= n) && !last {
+        if drain_step(dist.as_ref()) == Some(pos.step) && !last {
+            return Err(drain_now(
+                rank,
+                dist.as_mut(),
+                &mut writer,
+                metrics,
+                pos,
+                opts,
+            ));
+        }
+        // Alone, SIGTERM stops here too; in a group, the coordinator's drain step does.
+        let terminated = dist.is_none() && terminating(opts);
+        if (opts.stop_after_steps.is_some_and(|n| pos.step >= n) || terminated) && !last {
             stopped_early = true;
             break;
         }
@@ -741,6 +815,51 @@ fn replica_fingerprint(
     axial_common::checkpoint::write_atomic(&path, hash.as_bytes())
         .map_err(|source| Error::Write { path, source })?;
     Ok(hash)
+}
+
+/// Whether this process got SIGTERM.
+fn terminating(opts: &RunOptions) -> bool {
+    opts.terminate
+        .as_ref()
+        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// The step the group drains after, if a member is terminating.
+fn drain_step(dist: Option<&Distributed<'_>>) -> Option<u64> {
+    dist.and_then(|d| d.coordination.drain_at())
+}
+
+/// A member is terminating and every rank has just checkpointed at `pos`: rank 0 finishes
+/// writing and votes, a barrier makes sure every vote is in (so the checkpoint is committed),
+/// and the generation ends: the terminating worker leaves, the others re-form without it and
+/// resume from this checkpoint. Returns the error that ends the run.
+fn drain_now(
+    rank: usize,
+    mut dist: Option<&mut Distributed<'_>>,
+    writer: &mut Writer,
+    metrics: &WorkerMetrics,
+    pos: Position,
+    opts: &RunOptions,
+) -> Error {
+    let done = (|| -> Result<()> {
+        if rank == 0
+            && let Some(w) = writer.finish()?
+        {
+            written(w, dist.as_deref_mut(), metrics)?;
+        }
+        if let Some(d) = dist {
+            d.group.barrier()?;
+        }
+        Ok(())
+    })();
+    match done {
+        Err(e) => e,
+        Ok(()) if terminating(opts) => Error::Terminated(pos.step),
+        Ok(()) => Error::Regroup(format!(
+            "a member is terminating: the group drained after the checkpoint at step {}",
+            pos.step
+        )),
+    }
 }
 
 /// The job as the operator's hyperparameter changes make it. Recomputed only when the list of
