@@ -21,6 +21,12 @@ use crate::barrier::{Barrier, FileVote, VoteOutcome};
 use crate::membership::{Assignment, HeartbeatReply, JoinReply, Membership, MembershipConfig};
 use crate::rendezvous::{self, Rendezvous};
 
+/// Checkpoint commits that may fail in a row before the job stops.
+pub const MAX_COMMIT_FAILURES: u64 = 3;
+
+/// Hyperparameter changes a job takes (each heartbeat reply carries them all).
+pub const MAX_CHANGES: usize = 1000;
+
 /// Why a rendezvous store operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreRefused {
@@ -97,6 +103,12 @@ pub struct JobState {
     /// (generation, step, worker): a member is terminating; the group checkpoints after that
     /// step and re-forms without it.
     drain: Option<(u64, u64, String)>,
+    /// Commits that failed (the manifest could not be written), in all and in a row, and the
+    /// last reason.
+    commit_failures: (u64, u64, Option<String>),
+    /// Why the job cannot go on (commits failing again and again): workers are told to stop
+    /// and the coordinator exits with it.
+    failed: Option<String>,
     committed: Option<Committed>,
     /// Rank 0's vote (folder and files) for the pending checkpoint.
     pending_folder: Option<(PathBuf, Vec<FileEntry>, Position)>,
@@ -193,6 +205,8 @@ impl JobState {
             hosts: Default::default(),
             gave_up: Default::default(),
             drain: None,
+            commit_failures: (0, 0, None),
+            failed: None,
             committed,
             pending_folder: None,
             finished: BTreeSet::new(),
@@ -253,6 +267,13 @@ impl JobState {
         now: u64,
     ) -> Result<HyperParameterChange, String> {
         change.validate().map_err(|e| e.to_string())?;
+        // Every heartbeat carries the list: keep it bounded.
+        if self.changes.len() >= MAX_CHANGES {
+            return Err(format!(
+                "this job has had {MAX_CHANGES} hyperparameter changes, the most it takes; \
+                 restart it with the values in the job file"
+            ));
+        }
         let reported = self
             .progress
             .values()
@@ -260,7 +281,9 @@ impl JobState {
             .chain(self.committed.as_ref().map(|c| c.position.step))
             .max()
             .unwrap_or(0);
-        let earliest = reported + 2 * self.job.train.log_every + 1;
+        let earliest = reported
+            .saturating_add(self.job.train.log_every.saturating_mul(2))
+            .saturating_add(1);
         if change.from_step == 0 {
             change.from_step = earliest;
         } else if change.from_step < earliest {
@@ -366,12 +389,19 @@ impl JobState {
             return Some(*step);
         }
         let reported = self.progress.values().map(|p| p.0).max().unwrap_or(0);
-        let step = reported + 2 * self.job.train.log_every + 1;
+        let step = reported
+            .saturating_add(self.job.train.log_every.saturating_mul(2))
+            .saturating_add(1);
         self.log.push(format!(
             "{worker} is terminating: the group checkpoints after step {step} and re-forms without it"
         ));
         self.drain = Some((generation, step, worker.to_owned()));
         Some(step)
+    }
+
+    /// Why the job cannot go on, if it cannot.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 
     /// The step the running group drains after, if a member is terminating.
@@ -492,6 +522,9 @@ impl JobState {
             pending_checkpoint: self.barrier.pending_step(),
             workers,
             restarts: self.restarts,
+            commit_failures: self.commit_failures.0,
+            commit_error: self.commit_failures.2.clone(),
+            failed: self.failed.clone(),
             changes: self.changes.clone(),
             events: self.log.iter().rev().take(20).rev().cloned().collect(),
         }
@@ -571,17 +604,39 @@ impl JobState {
                 Ok(()) => {
                     self.last_commit =
                         Some((now, now.saturating_sub(self.barrier_started.unwrap_or(now))));
+                    self.commit_failures.1 = 0;
+                    self.commit_failures.2 = None;
                     VoteResult {
                         accepted: true,
                         committed: true,
                         reason: String::new(),
                     }
                 }
-                Err(reason) => VoteResult {
-                    accepted: true,
-                    committed: false,
-                    reason,
-                },
+                // The group must not train on without checkpoints: the vote is refused, the
+                // ranks re-form and resume from the last commit; after a few failures in a row
+                // the job stops, saying why.
+                Err(reason) => {
+                    self.commit_failures.0 += 1;
+                    self.commit_failures.1 += 1;
+                    self.commit_failures.2 = Some(reason.clone());
+                    self.log.push(format!(
+                        "commit of the checkpoint at step {} failed: {reason}",
+                        pos.step
+                    ));
+                    if self.commit_failures.1 >= MAX_COMMIT_FAILURES {
+                        let why = format!(
+                            "{MAX_COMMIT_FAILURES} checkpoint commits failed in a row, the last: \
+                             {reason}"
+                        );
+                        self.log.push(format!("stopping the job: {why}"));
+                        self.failed = Some(why);
+                    }
+                    VoteResult {
+                        accepted: false,
+                        committed: false,
+                        reason: format!("the commit failed: {reason}"),
+                    }
+                }
             },
         }
     }
@@ -764,6 +819,11 @@ pub struct Status {
     pub workers: Vec<WorkerStatus>,
     /// Times the coordinator was restarted on this job's saved state.
     pub restarts: u64,
+    /// Checkpoint commits that failed, and the last failure's reason while commits fail.
+    pub commit_failures: u64,
+    pub commit_error: Option<String>,
+    /// Why the job stopped, if it could not go on.
+    pub failed: Option<String>,
     pub changes: Vec<HyperParameterChange>,
     pub events: Vec<String>,
 }
@@ -839,6 +899,12 @@ impl Status {
                 vec![(String::new(), ms as f64 / 1e3)],
             );
         }
+        out.push_str(&format!(
+            "# HELP axial_coordinator_commit_failures_total Checkpoint commits that failed.\n\
+             # TYPE axial_coordinator_commit_failures_total counter\n\
+             axial_coordinator_commit_failures_total {}\n",
+            self.commit_failures
+        ));
         out
     }
 }
@@ -1098,6 +1164,47 @@ mod tests {
         assert!(matches!(s.join("standby", 1, None, 3), Join::Finished));
         assert!(s.done(), "the finished job's joiners are not waited for");
         assert!(matches!(s.join("late", 1, None, 4), Join::Finished));
+    }
+
+    /// A commit that fails (here the checkpoint's folder is a file, so the manifest cannot be
+    /// written, as on a full or read-only disk) is refused, logged and counted, and shows in
+    /// status and metrics; after a few failures in a row the job stops, saying why.
+    #[test]
+    fn failed_commits_are_refused_shown_and_stop_the_job_when_they_persist() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false);
+        let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+            panic!("group")
+        };
+        let g = assignment.generation;
+        for (n, step) in [4u64, 8, 12].into_iter().enumerate() {
+            let good = tmp.path().join(format!("written-{step}"));
+            let files = checkpoint_files(&good);
+            let folder = tmp.path().join(checkpoint::folder_name(step));
+            std::fs::write(&folder, b"not a folder").expect("write");
+            let pos = Position {
+                step,
+                loss_scale: 1.0,
+                ..Position::default()
+            };
+            let v = s.vote(0, g, pos, Some(folder), files, 10 * step);
+            assert!(!v.accepted && !v.committed, "{v:?}");
+            assert!(v.reason.contains("commit failed"), "{v:?}");
+            let status = s.status(10 * step);
+            assert_eq!(status.commit_failures, n as u64 + 1);
+            assert!(status.commit_error.is_some());
+            assert!(status.prometheus().contains(&format!(
+                "axial_coordinator_commit_failures_total {}",
+                n + 1
+            )));
+        }
+        let why = s.failed().expect("the job stops").to_owned();
+        println!("{why}");
+        assert!(
+            why.contains("3 checkpoint commits failed in a row"),
+            "{why}"
+        );
+        assert_eq!(s.status(200).failed.as_deref(), Some(why.as_str()));
     }
 
     /// The job ends only when every member has left, not at the first leave: the others'

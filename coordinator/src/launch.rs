@@ -92,6 +92,7 @@ pub async fn serve(
         );
     }
     let ticker = service.clone();
+    let failed = service.state.clone();
     let done = async move {
         let mut printed = 0;
         loop {
@@ -103,7 +104,7 @@ pub async fn serve(
                 eprintln!("coordinator: {line}");
             }
             printed = state.log.len();
-            if state.done() {
+            if state.done() || state.failed().is_some() {
                 break;
             }
         }
@@ -145,6 +146,9 @@ pub async fn serve(
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
+    if let Some(why) = failed.lock().unwrap_or_else(|e| e.into_inner()).failed() {
+        bail!("the job stopped: {why}");
+    }
     if let Ok(()) = terminated_rx.await {
         bail!(
             "terminated (SIGTERM); the job goes on with a coordinator started again with --resume"

@@ -273,6 +273,7 @@ impl Coordinator for Service {
             Hb::Ok => HeartbeatReply {
                 changes: state.changes().iter().map(Into::into).collect(),
                 drain_at_step: state.drain_at().unwrap_or(0),
+                stop: state.failed().is_some(),
                 ..Default::default()
             },
             Hb::Abort { .. } => HeartbeatReply {

@@ -27,6 +27,11 @@ use axial_common::checkpoint::DataIdentity;
 use axial_common::job::{DataConfig, DataFormat, Split};
 use axial_common::plan::{Layout, Shard};
 
+/// The longest side an image may have.
+pub const MAX_SIDE: u32 = 16_384;
+/// The most memory one image's decoding may take.
+pub const MAX_DECODE_BYTES: u64 = 512 << 20;
+
 /// An 8-bit RGB image, rows of interleaved R, G, B.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
@@ -44,9 +49,19 @@ impl Image {
         }
     }
 
-    /// Decodes JPEG or PNG bytes (colour or greyscale) into RGB.
+    /// Decodes JPEG or PNG bytes (colour or greyscale) into RGB. The dimensions are checked
+    /// before any pixel is decoded (at most [`MAX_SIDE`] per side, [`MAX_DECODE_BYTES`] in
+    /// all): a hostile or broken file is an error for that sample, never an out-of-memory.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| e.to_string())?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_SIDE);
+        limits.max_image_height = Some(MAX_SIDE);
+        limits.max_alloc = Some(MAX_DECODE_BYTES);
+        reader.limits(limits);
+        let img = reader.decode().map_err(|e| e.to_string())?;
         let rgb = img.to_rgb8();
         let (width, height) = rgb.dimensions();
         if width == 0 || height == 0 {

@@ -15,6 +15,11 @@ use axial_common::plan::Shard;
 use super::manifest::Manifest;
 use super::{DataError, Image, Sample, SampleError, Source};
 
+/// The largest image entry a shard may hold.
+const MAX_ENTRY_BYTES: u64 = 256 << 20;
+/// Class indices a `.cls` entry may hold.
+const MAX_CLASSES: i64 = 1_000_000;
+
 #[derive(Debug, Clone)]
 struct Entry {
     shard: usize,
@@ -23,6 +28,8 @@ struct Entry {
     image: Option<(u64, u64)>,
     /// Parsed class, or why not.
     label: Result<i64, String>,
+    /// Why the sample cannot be used whatever else it has (an oversized image).
+    problem: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,18 +143,30 @@ fn index_shard(n: usize, shard: &Path, entries: &mut Vec<Entry>) -> Result<(), D
             key: key.to_owned(),
             image: None,
             label: Err("no .cls entry".into()),
+            problem: None,
         });
         if image_ext(ext) {
-            e.image = Some((entry.raw_file_position(), entry.size()));
+            if entry.size() > MAX_ENTRY_BYTES {
+                e.problem = Some(format!(
+                    "{name} holds {} bytes; an image may hold {MAX_ENTRY_BYTES}",
+                    entry.size()
+                ));
+            } else {
+                e.image = Some((entry.raw_file_position(), entry.size()));
+            }
         } else if ext == "cls" {
             let mut text = String::new();
-            e.label = match entry.read_to_string(&mut text) {
+            // A class index is a few digits: read no more than that.
+            e.label = match (&mut entry).take(64).read_to_string(&mut text) {
                 Ok(_) => text
                     .trim()
                     .parse::<i64>()
                     .ok()
-                    .filter(|l| *l >= 0)
-                    .ok_or(format!(".cls holds {:?}, not a class index", text.trim())),
+                    .filter(|l| (0..MAX_CLASSES).contains(l))
+                    .ok_or(format!(
+                        ".cls holds {:?}, not a class index (0..{MAX_CLASSES})",
+                        text.trim()
+                    )),
                 Err(err) => Err(format!("unreadable .cls: {err}")),
             };
         }
@@ -173,6 +192,9 @@ impl Source for WebDataset {
             origin: format!("{}:{}", shard.display(), e.key),
             reason,
         };
+        if let Some(problem) = &e.problem {
+            return Err(err(problem.clone()));
+        }
         let label = e.label.clone().map_err(err)?;
         if label >= self.num_classes() {
             return Err(err(format!(
