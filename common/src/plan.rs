@@ -252,6 +252,33 @@ impl StepPlan {
         to - from
     }
 
+    /// Rank `rank`'s part of the rest of the epoch: the sample ids it trains on, in order,
+    /// and each micro-batch as a range of them, `accumulate` per step (its share of each step
+    /// cut as evenly as it goes; a share smaller than `accumulate` leaves some empty, and every
+    /// rank still runs every micro-batch, so the collectives stay in lockstep).
+    pub fn micro_batches(
+        &self,
+        sequence: &EpochPlan,
+        rank: u64,
+        accumulate: u64,
+    ) -> (Vec<u64>, Vec<std::ops::Range<usize>>) {
+        let accumulate = accumulate.max(1) as usize;
+        let mut order = Vec::new();
+        let mut batches = Vec::with_capacity(self.steps() as usize * accumulate);
+        for s in 0..self.steps() {
+            let (a, b) = self.range(s, rank);
+            let ids = sequence.samples(a, b);
+            let n = ids.len();
+            for m in 0..accumulate {
+                let lo = order.len() + n * m / accumulate;
+                let hi = order.len() + n * (m + 1) / accumulate;
+                batches.push(lo..hi);
+            }
+            order.extend_from_slice(ids);
+        }
+        (order, batches)
+    }
+
     /// Consumed prefix after `steps` steps of this plan.
     pub fn prefix_after(&self, steps: u64) -> u64 {
         if steps >= self.steps() {
@@ -454,6 +481,37 @@ mod tests {
             let (a, b) = small.range(1, r);
             b > a
         }));
+    }
+
+    /// Each rank's micro-batches: `accumulate` per step on every rank, together the whole
+    /// sequence once; an uneven last step smaller than `accumulate` leaves empty micro-batches
+    /// (35 samples, 2 ranks x 4 x 4: the last 3 split 2 + 1, micro-batches 0/1/0/1 and 0/0/0/1).
+    #[test]
+    fn micro_batches_cover_the_epoch_with_the_same_count_on_every_rank() {
+        let epoch = EpochPlan::new(&Layout::RandomAccess { samples: 35 }, 1, 0);
+        let plan = StepPlan {
+            base: 0,
+            world: 2,
+            batch: 16,
+            len: 35,
+        };
+        let mut all = Vec::new();
+        let mut last = Vec::new();
+        for rank in 0..2 {
+            let (order, batches) = plan.micro_batches(&epoch, rank, 4);
+            assert_eq!(
+                batches.len(),
+                2 * 4,
+                "rank {rank}: the same count on every rank"
+            );
+            assert!(batches.windows(2).all(|w| w[0].end == w[1].start));
+            assert_eq!(batches.last().map(|b| b.end), Some(order.len()));
+            last.push(batches[4..].iter().map(|b| b.len()).collect::<Vec<_>>());
+            all.extend(order);
+        }
+        assert_eq!(last, [vec![0, 1, 0, 1], vec![0, 0, 0, 1]]);
+        all.sort();
+        assert_eq!(all, (0..35).collect::<Vec<_>>());
     }
 
     /// Stop after some steps on 2 workers, resume on 1 (and 1 -> 2): exactly once.

@@ -1,7 +1,8 @@
 //! CPU (or CUDA) training throughput of the Axial-ResNet, measured as in
 //! shared/reference/MODEL.md §7: axial26s with spans scaled to the input, 10 classes, batch 16,
-//! float32, 2 intra-op threads, random data; a step is forward + cross-entropy + backward + SGD
-//! (Nesterov, weight decay). 5 warm-up steps, then the median of 30.
+//! float32, 2 intra-op threads, random data; a step is the training loop's own step
+//! (`train::step::Step`: forward, cross-entropy, backward, update with SGD, Nesterov, weight
+//! decay). 5 warm-up steps, then the median of 30.
 //!
 //! `cargo bench -p axial-worker --bench train_step [-- --sizes 32,64 --iters 30 --arch axial26s
 //!  --batch 16 --threads 2 --device cpu]`
@@ -114,7 +115,13 @@ fn main() {
         let mut train = Vec::with_capacity(args.iters);
         for i in 0..args.warmup + args.iters {
             let t = Instant::now();
-            let loss = train_step(&model.net, &mut opt, &x, &y, 0.1);
+            let loss = match train_step(&model.net, &mut opt, &x, &y, 0.1) {
+                Ok(loss) => loss,
+                Err(e) => {
+                    eprintln!("train_step bench: {e}");
+                    std::process::exit(1);
+                }
+            };
             sync(args.device);
             if i >= args.warmup {
                 train.push(t.elapsed().as_secs_f64());

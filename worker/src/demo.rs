@@ -87,7 +87,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
     let mut last_loss = f64::NAN;
     let start = Instant::now();
     for step in 0..args.steps {
-        let loss = train_step(&model.net, &mut opt, &images, &labels, args.lr);
+        let loss = train_step(&model.net, &mut opt, &images, &labels, args.lr)?;
         if step == 0 || step + 1 == args.steps || (step + 1) % 10 == 0 {
             let value = loss.double_value(&[]);
             if step == 0 {

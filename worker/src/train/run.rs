@@ -14,50 +14,28 @@
 //! samples, so the sum is the global mean), running statistics averaged, the attention batch
 //! norms synchronized, and checkpoints voted through the coordinator.
 
-/// What a distributed run reports to, and hears from, the coordinator.
-pub trait Coordination {
-    /// Progress; an error ends the run (the generation was aborted, the job stopped).
-    fn heartbeat(&mut self, step: u64, loss: f64, images_per_second: f64) -> Result<()>;
-    /// This rank's vote for the checkpoint at `pos`; rank 0 passes the folder it wrote and
-    /// its files.
-    fn vote(&mut self, pos: Position, folder: Option<&Path>, files: Vec<FileEntry>) -> Result<()>;
-    /// Every hyperparameter change the coordinator has accepted so far (the same list on
-    /// every rank; each change says the step it applies from).
-    fn changes(&self) -> &[HyperParameterChange] {
-        &[]
-    }
-    /// A member is terminating: the step after which every rank checkpoints, waits for the
-    /// commit and leaves the group (the same on every rank).
-    fn drain_at(&self) -> Option<u64> {
-        None
-    }
-}
-
-/// The group and the coordinator of a distributed run.
-pub struct Distributed<'a> {
-    pub group: Arc<ProcessGroup>,
-    pub coordination: &'a mut dyn Coordination,
-}
-
-use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axial_common::JobConfig;
-use axial_common::hparams::{self, HyperParameterChange};
 use axial_common::job::{Precision, SyncBn};
 use axial_common::plan::{EpochPlan, StepPlan};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-use super::checkpoint::{self, FileEntry, Position, Snapshot, Writer};
+use super::checkpoint::{self, Position, Writer};
+use super::checkpointer::{checkpoint_at, replica_fingerprint, written};
+pub use super::coordination::{Coordination, Distributed};
+use super::coordination::{LiveJob, drain_now, drain_step};
 use super::eval::{EvalOptions, EvalResult, evaluate};
-use super::optim::{Optimizer, clip_grad_norm};
+use super::optim::Optimizer;
+use super::progress::Progress;
+use super::sample_log::SampleLog;
 use super::schedule::Schedule;
+use super::step::{LossScale, Reduce, Step};
 use crate::collective::ProcessGroup;
-use crate::collective::ddp::{BUCKET_BYTES, allreduce_gradients, average_buffers, broadcast_state};
+use crate::collective::ddp::{BUCKET_BYTES, broadcast_state};
 use crate::collective::reducer::Reducer;
 use crate::data::augment::Transform;
 use crate::data::loader::{Loader, Plan};
@@ -116,108 +94,7 @@ pub struct Summary {
     pub history: Vec<EpochRecord>,
 }
 
-/// Mean cross-entropy with label smoothing `eps` (PyTorch's `label_smoothing`).
-pub fn smoothed_cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> Tensor {
-    let logp = logits.log_softmax(-1, Kind::Float);
-    let nll = logp.nll_loss(labels);
-    if eps == 0.0 {
-        return nll;
-    }
-    let uniform = -logp.mean_dim(-1, false, Kind::Float).mean(Kind::Float);
-    nll * (1.0 - eps) + uniform * eps
-}
-
-/// Dynamic loss scaling for fp16: halve on overflow (and skip the step), double after 2000
-/// good steps.
-#[derive(Debug, Clone, Copy)]
-struct LossScale {
-    enabled: bool,
-    scale: f64,
-    good: u64,
-}
-
-impl LossScale {
-    /// Unscales the gradients; returns whether they are finite (the step may be taken).
-    fn unscale_and_check(&mut self, grads: &[Tensor]) -> bool {
-        if !self.enabled {
-            return true;
-        }
-        let finite = tch::no_grad(|| {
-            let mut all = Tensor::ones(
-                [],
-                (
-                    Kind::Bool,
-                    grads.first().map_or(Device::Cpu, Tensor::device),
-                ),
-            );
-            for g in grads {
-                let _ = g.shallow_clone().g_mul_scalar_(1.0 / self.scale);
-                all = all.logical_and(&g.isfinite().all());
-            }
-            all.int64_value(&[]) == 1
-        });
-        if finite {
-            self.good += 1;
-            if self.good == 2000 {
-                self.scale *= 2.0;
-                self.good = 0;
-            }
-        } else {
-            self.scale /= 2.0;
-            self.good = 0;
-        }
-        finite
-    }
-}
-
-struct Progress {
-    bar: Option<ProgressBar>,
-    quiet: bool,
-}
-
-impl Progress {
-    fn new(total: u64, done: u64, quiet: bool) -> Self {
-        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
-            let bar = ProgressBar::new(total);
-            bar.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            bar.set_position(done);
-            bar
-        });
-        Self { bar, quiet }
-    }
-
-    fn step(&self, step: u64, message: Option<String>) {
-        match (&self.bar, message) {
-            (Some(bar), m) => {
-                bar.set_position(step);
-                if let Some(m) = m {
-                    bar.set_message(m);
-                }
-            }
-            (None, Some(m)) if !self.quiet => eprintln!("step {step}  {m}"),
-            _ => {}
-        }
-    }
-
-    fn line(&self, text: &str) {
-        match &self.bar {
-            Some(bar) => bar.println(text),
-            None if !self.quiet => eprintln!("{text}"),
-            None => {}
-        }
-    }
-
-    /// A line every rank prints, quiet or not (events an operator checks on each rank).
-    fn note(&self, text: &str) {
-        match &self.bar {
-            Some(bar) => bar.println(text),
-            None => eprintln!("{text}"),
-        }
-    }
-}
+pub use super::step::smoothed_cross_entropy;
 
 fn data_err(e: data::DataError) -> Error {
     Error::BadTensor {
@@ -310,15 +187,7 @@ pub fn run(
         loss_scale: 1.0,
         ..Position::default()
     };
-    let mut scale = LossScale {
-        enabled: job.train.precision == Precision::Fp16,
-        scale: if job.train.precision == Precision::Fp16 {
-            65536.0
-        } else {
-            1.0
-        },
-        good: 0,
-    };
+    let mut scale = LossScale::new(job.train.precision == Precision::Fp16);
     let mut last_checkpoint = None;
     // Checkpoint files are written off this thread; alone, the writer also commits them.
     let mut writer = Writer::new(job, dist.is_none().then_some(job.checkpoint.keep));
@@ -418,6 +287,21 @@ pub fn run(
         )?),
         _ => None,
     };
+    // The one step every micro-batch and update goes through (`train::step`).
+    let group: Option<Arc<ProcessGroup>> = dist.as_ref().map(|d| d.group.clone());
+    let step = Step {
+        net: &model.net,
+        device,
+        autocast,
+        label_smoothing: job.train.label_smoothing,
+        reduce: match (&reducer, &group) {
+            (Some(r), Some(g)) => Reduce::Overlapped(r, g),
+            (None, Some(g)) => Reduce::AfterBackward(g),
+            _ => Reduce::Local,
+        },
+        sync: sync.as_deref(),
+        buffers: &buffers,
+    };
     let steps_per_epoch = StepPlan {
         base: 0,
         world: world as u64,
@@ -470,19 +354,8 @@ pub fn run(
             len,
         };
         // This rank's micro-batches: its share of each step, cut into `accumulate` parts.
-        let mut order = Vec::new();
-        let mut batches = Vec::new();
-        for s in 0..steps.steps() {
-            let (a, b) = steps.range(s, rank as u64);
-            let ids = sequence.samples(a, b);
-            let n = ids.len();
-            for m in 0..accumulate as usize {
-                let lo = order.len() + n * m / accumulate as usize;
-                let hi = order.len() + n * (m + 1) / accumulate as usize;
-                batches.push(lo..hi);
-            }
-            order.extend(ids.iter().map(|&i| i as usize));
-        }
+        let (order, batches) = steps.micro_batches(&sequence, rank as u64, accumulate);
+        let order: Vec<usize> = order.into_iter().map(|i| i as usize).collect();
         let plan = Plan {
             order,
             batches,
@@ -503,11 +376,6 @@ pub fn run(
         for s in 0..steps.steps() {
             let step_samples = steps.step_samples(s) as f64;
             for micro in 0..accumulate {
-                if micro + 1 == accumulate
-                    && let Some(r) = &reducer
-                {
-                    r.arm();
-                }
                 let wait = Instant::now();
                 // A dead loader thread is an error: its samples were not trained on.
                 let Some(b) = loader.next().transpose()? else {
@@ -524,35 +392,20 @@ pub fn run(
                 if let Some(log) = sample_log.as_mut() {
                     log.write(epoch, pos.step + 1, &b.samples)?;
                 }
-                // A micro-batch with no sample (a share of an uneven last step smaller than
-                // `accumulate`, every sample undecodable, a resume onto more ranks than samples
-                // left) still runs: the peers' collectives (the synchronized batch norms in both
-                // passes, the gradient buckets) need this rank. Over an empty batch it adds zero
-                // statistics and a zero gradient.
-                let t = Instant::now();
-                let images = b.images.to_device(device);
-                let labels = b.labels.to_device(device);
-                let logits = tch::autocast(autocast, || model.net.forward_t(&images, true));
-                let loss = if b.is_empty() {
-                    logits.sum(Kind::Float) * 0.0
-                } else {
-                    smoothed_cross_entropy(&logits, &labels, job.train.label_smoothing)
-                };
-                metrics
-                    .phase(Phase::Forward)
-                    .record(t.elapsed().as_secs_f64());
-                let t = Instant::now();
-                // Weighted by this micro-batch's share of the global step: the sum over ranks
-                // and micro-batches is the mean over the step's samples.
-                (&loss * (scale.scale * b.len() as f64 / step_samples)).f_backward()?;
-                metrics
-                    .phase(Phase::Backward)
-                    .record(t.elapsed().as_secs_f64());
-                if !b.is_empty() {
-                    let detached = loss.detach();
-                    running_loss += &detached;
+                let last = micro + 1 == accumulate;
+                let loss = step.micro_batch(
+                    &b.images,
+                    &b.labels,
+                    b.len(),
+                    step_samples,
+                    &scale,
+                    last,
+                    Some(metrics),
+                )?;
+                if let Some(loss) = loss {
+                    running_loss += &loss;
                     running_n += 1;
-                    epoch_loss.0 += detached.to_kind(Kind::Double);
+                    epoch_loss.0 += loss.to_kind(Kind::Double);
                     epoch_loss.1 += 1;
                 }
                 metrics.samples.increment(b.len() as u64);
@@ -571,46 +424,19 @@ pub fn run(
             optimizer.set_weight_decay(current.optim.weight_decay);
             let lr = schedule.lr(before, epoch as f64 + pos.consumed as f64 / len as f64)
                 * (current.optim.lr / job.optim.lr);
-            let grads = optimizer.grads();
-            let wait = Instant::now();
-            if let Some(r) = &reducer {
-                // Armed already unless the step ended early: every rank then starts the same
-                // buckets here, in the same order.
-                r.arm();
-                r.finish()?;
-            } else if let Some(d) = &dist {
-                allreduce_gradients(&d.group, &grads, BUCKET_BYTES)?;
-            }
-            if dist.is_some() {
-                metrics
-                    .phase(Phase::AllReduceWait)
-                    .record(wait.elapsed().as_secs_f64());
-            }
-            let t = Instant::now();
-            if let Some(ctx) = &sync
-                && let Some(e) = ctx.take_error()
-            {
-                return Err(e.into());
-            }
-            if scale.unscale_and_check(&grads) {
-                if current.train.clip_grad_norm > 0.0 {
-                    let _norm = clip_grad_norm(&grads, current.train.clip_grad_norm);
-                }
-                optimizer.step(lr);
-            } else {
+            if !step.update(
+                &mut optimizer,
+                &mut scale,
+                current.train.clip_grad_norm,
+                lr,
+                Some(metrics),
+            )? {
                 progress.line(&format!(
                     "step {}: fp16 overflow, loss scale now {}",
                     pos.step + 1,
                     scale.scale
                 ));
             }
-            optimizer.zero_grad();
-            if let Some(d) = &dist {
-                average_buffers(&d.group, &buffers)?;
-            }
-            metrics
-                .phase(Phase::Optimizer)
-                .record(t.elapsed().as_secs_f64());
             pos.step += 1;
             pos.loss_scale = scale.scale;
             pos.good_steps = scale.good;
@@ -793,204 +619,11 @@ pub fn run(
     Ok(summary)
 }
 
-/// SHA-256 of this rank's whole state (weights, buffers, optimizer state, in name order),
-/// also written to `<checkpoint dir>/replica-<rank>.sha256`: equal on every rank when the
-/// replicas are identical, which data-parallel training must keep them.
-fn replica_fingerprint(
-    model: &Model,
-    optimizer: &Optimizer,
-    dir: &Path,
-    rank: usize,
-) -> Result<String> {
-    let mut state = model.state_dict();
-    state.extend(optimizer.state_tensors());
-    let tmp = dir.join(format!(".replica-{rank}.safetensors"));
-    crate::model::weights::write_tensors_atomic(&tmp, &state)?;
-    let hash = axial_common::checkpoint::sha256_file(&tmp).map_err(|source| Error::Write {
-        path: tmp.clone(),
-        source,
-    })?;
-    let _ = std::fs::remove_file(&tmp);
-    let path = dir.join(format!("replica-{rank}.sha256"));
-    axial_common::checkpoint::write_atomic(&path, hash.as_bytes())
-        .map_err(|source| Error::Write { path, source })?;
-    Ok(hash)
-}
-
 /// Whether this process got SIGTERM.
-fn terminating(opts: &RunOptions) -> bool {
+pub(crate) fn terminating(opts: &RunOptions) -> bool {
     opts.terminate
         .as_ref()
         .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
-}
-
-/// The step the group drains after, if a member is terminating.
-fn drain_step(dist: Option<&Distributed<'_>>) -> Option<u64> {
-    dist.and_then(|d| d.coordination.drain_at())
-}
-
-/// A member is terminating and every rank has just checkpointed at `pos`: rank 0 finishes
-/// writing and votes, a barrier makes sure every vote is in (so the checkpoint is committed),
-/// and the generation ends: the terminating worker leaves, the others re-form without it and
-/// resume from this checkpoint. Returns the error that ends the run.
-fn drain_now(
-    rank: usize,
-    mut dist: Option<&mut Distributed<'_>>,
-    writer: &mut Writer,
-    metrics: &WorkerMetrics,
-    pos: Position,
-    opts: &RunOptions,
-) -> Error {
-    let done = (|| -> Result<()> {
-        if rank == 0
-            && let Some(w) = writer.finish()?
-        {
-            written(w, dist.as_deref_mut(), metrics)?;
-        }
-        if let Some(d) = dist {
-            d.group.barrier()?;
-        }
-        Ok(())
-    })();
-    match done {
-        Err(e) => e,
-        Ok(()) if terminating(opts) => Error::Terminated(pos.step),
-        Ok(()) => Error::Regroup(format!(
-            "a member is terminating: the group drained after the checkpoint at step {}",
-            pos.step
-        )),
-    }
-}
-
-/// The job as the operator's hyperparameter changes make it. Recomputed only when the list of
-/// changes differs from the last one seen or a change takes effect at this step, not every
-/// step.
-#[derive(Default)]
-struct LiveJob {
-    changes: Vec<HyperParameterChange>,
-    /// None while there are no changes (the base job holds).
-    job: Option<JobConfig>,
-}
-
-impl LiveJob {
-    /// Brings the job up to date for the update at step count `step`; returns the changes
-    /// that take effect at it.
-    fn update(
-        &mut self,
-        base: &JobConfig,
-        changes: &[HyperParameterChange],
-        step: u64,
-    ) -> Vec<HyperParameterChange> {
-        let starting: Vec<HyperParameterChange> = changes
-            .iter()
-            .filter(|c| c.from_step == step)
-            .cloned()
-            .collect();
-        if changes != self.changes.as_slice() || !starting.is_empty() {
-            self.changes = changes.to_vec();
-            self.job = (!changes.is_empty()).then(|| hparams::effective(base, changes, step));
-        }
-        starting
-    }
-}
-
-/// `[data] log_samples`: the audit log of the training samples this worker consumes.
-struct SampleLog {
-    path: PathBuf,
-    out: std::io::BufWriter<std::fs::File>,
-    generation: u64,
-}
-
-impl SampleLog {
-    fn open(ckpt_dir: &Path, worker: &str, generation: u64) -> Result<Self> {
-        let dir = ckpt_dir.join("samples");
-        let path = dir.join(format!("{worker}.log"));
-        let file = std::fs::create_dir_all(&dir)
-            .and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-            })
-            .map_err(|source| Error::Write {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(Self {
-            path,
-            out: std::io::BufWriter::new(file),
-            generation,
-        })
-    }
-
-    /// One micro-batch: `<generation> <epoch> <step> <index>...`, flushed at once (a process
-    /// killed a moment later keeps what it consumed).
-    fn write(&mut self, epoch: u64, step: u64, samples: &[usize]) -> Result<()> {
-        use std::io::Write;
-        let mut line = format!("{} {epoch} {step}", self.generation);
-        for s in samples {
-            line.push_str(&format!(" {s}"));
-        }
-        line.push('\n');
-        self.out
-            .write_all(line.as_bytes())
-            .and_then(|()| self.out.flush())
-            .map_err(|source| Error::Write {
-                path: self.path.clone(),
-                source,
-            })
-    }
-}
-
-/// The checkpoint at `pos`. Alone, the writer writes and commits it off this thread. In a
-/// group, rank 0's writer writes the files, and rank 0 votes for them once written (every other
-/// rank votes now); a barrier first makes sure rank 0 has voted for the previous checkpoint
-/// before anyone votes for this one (the coordinator runs one checkpoint barrier at a time).
-/// Returns the folder of a previous checkpoint that finished meanwhile.
-fn checkpoint_at(
-    model: &Model,
-    optimizer: &Optimizer,
-    pos: Position,
-    rank: usize,
-    dist: Option<&mut Distributed<'_>>,
-    writer: &mut Writer,
-    metrics: &WorkerMetrics,
-) -> Result<Option<PathBuf>> {
-    let snapshot = || Snapshot::take(model, optimizer.state_tensors(), pos);
-    match dist {
-        None => match writer.start(snapshot())? {
-            Some(w) => written(w, None, metrics).map(Some),
-            None => Ok(None),
-        },
-        Some(d) => {
-            let mut previous = None;
-            if rank == 0
-                && let Some(w) = writer.finish()?
-            {
-                previous = Some(written(w, Some(&mut *d), metrics)?);
-            }
-            d.group.barrier()?;
-            if rank == 0 {
-                writer.start(snapshot())?;
-            } else {
-                d.coordination.vote(pos, None, Vec::new())?;
-            }
-            Ok(previous)
-        }
-    }
-}
-
-/// A checkpoint the writer finished: counted, and in a group voted for (rank 0).
-fn written(
-    w: checkpoint::Written,
-    dist: Option<&mut Distributed<'_>>,
-    metrics: &WorkerMetrics,
-) -> Result<PathBuf> {
-    metrics.checkpoint_seconds.record(w.seconds);
-    if let Some(d) = dist {
-        d.coordination.vote(w.pos, Some(&w.folder), w.files)?;
-    }
-    Ok(w.folder)
 }
 
 fn config_err(key: &str, message: &str) -> Error {
