@@ -165,6 +165,23 @@ impl Job {
     }
 }
 
+impl Drop for Job {
+    /// A failing test shows what the workers said (their logs live in its temp dir).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 0..self.cluster.workers() {
+                let log = self.log(i);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                println!(
+                    "---- w{i}.log (last {} lines)\n{}",
+                    tail.len(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+    }
+}
+
 /// A plain HTTP/1.0 GET (the body), or None if the host does not answer.
 fn http_get(addr: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};

@@ -10,6 +10,7 @@
 
 #include "group.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <exception>
@@ -168,9 +169,15 @@ void axial_group_abort(void* g) {
   }
 }
 
+// Aborted groups still being closed on threads of their own (see axial_group_free).
+static std::atomic<int> closing_groups{0};
+
+int axial_groups_closing() { return closing_groups.load(); }
+
 void axial_group_free(void* g) {
   auto* group = static_cast<Group*>(g);
   if (group->aborted.load()) {
+    closing_groups.fetch_add(1);
     // A Gloo backend's destructor waits for its in-flight work, which may be a collective with
     // a hung peer, until the collective timeout: close it (then its store) on a thread of its
     // own, so the worker can form its next group meanwhile and nothing is leaked for good.
@@ -180,6 +187,7 @@ void axial_group_free(void* g) {
         store.reset();
       } catch (...) {
       }
+      closing_groups.fetch_sub(1);
     }).detach();
   }
   delete group;

@@ -44,15 +44,19 @@ fn main() {
             .map(|_| ())
             .context("demo failed"),
     };
-    if let Err(e) = result {
+    let code = match result {
+        Ok(()) => 0,
         // A worker that left its group on SIGTERM exits as a terminated process does (128 +
         // 15), so that a supervisor (a Job controller, Slurm) replaces it rather than counting
         // its work as done.
-        if let Some(t) = e.downcast_ref::<axial_worker::join::Terminated>() {
-            eprintln!("{t}");
-            std::process::exit(143);
+        Err(e) if e.downcast_ref::<axial_worker::join::Terminated>().is_some() => {
+            eprintln!("{e}");
+            143
         }
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    axial_worker::collective::exit(code)
 }

@@ -89,6 +89,7 @@ mod ffi {
         pub fn axial_barrier(g: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
         pub fn axial_group_abort(g: *mut c_void);
         pub fn axial_group_free(g: *mut c_void);
+        pub fn axial_groups_closing() -> c_int;
     }
 }
 
@@ -418,6 +419,24 @@ impl Backend {
             Self::Nccl => "nccl",
         }
     }
+}
+
+/// Ends the process with `code` now. While an aborted group is still being closed on a thread
+/// of its own (its backend waiting out a collective with a peer that is gone), the C++ static
+/// destructors that a normal exit runs could pull its state away under it and abort the
+/// process: such an exit skips them (stdout and stderr are flushed first). Otherwise a normal
+/// exit.
+#[allow(unsafe_code)]
+pub fn exit(code: i32) -> ! {
+    use std::io::Write;
+    // SAFETY: a counter read.
+    if unsafe { ffi::axial_groups_closing() } > 0 {
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: ends the process at once; nothing of ours needs running after this point.
+        unsafe { libc::_exit(code) }
+    }
+    std::process::exit(code)
 }
 
 /// Whether this build has the NCCL backend (built against the CUDA libtorch with its headers).
