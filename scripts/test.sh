@@ -25,5 +25,7 @@ step "PyTorch twin against the reference fixtures (scripts/pytorch/)"
 PYTHONWARNINGS=ignore "$(readlink -f .libtorch)/../../../../bin/python" scripts/pytorch/check_fixtures.py
 step "cargo build (every binary: the end-to-end tests run them)"
 cargo build --workspace --bins --locked
+step "deploy/ checks (job files, Kubernetes schemas, shellcheck, promtool)"
+scripts/check-deploy.sh
 step "cargo test"
 cargo test --workspace --locked

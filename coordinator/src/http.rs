@@ -63,21 +63,22 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let metrics = service.clone();
+    let exporter = Arc::new(crate::metrics::CoordinatorMetrics::new());
     let changes = service.clone();
     let app = Router::new()
         .route("/", get(|| async { Html(include_str!("dashboard.html")) }))
         .route(
             "/metrics",
             get(move || {
-                let s = metrics.clone();
+                let (s, exporter) = (metrics.clone(), exporter.clone());
                 async move {
                     let now = s.now();
-                    let text = s
+                    let status = s
                         .state
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .status(now)
-                        .prometheus();
+                        .status(now);
+                    let text = exporter.render(&status);
                     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
                 }
             }),

@@ -525,6 +525,7 @@ impl JobState {
             commit_failures: self.commit_failures.0,
             commit_error: self.commit_failures.2.clone(),
             failed: self.failed.clone(),
+            finished: self.done(),
             changes: self.changes.clone(),
             events: self.log.iter().rev().take(20).rev().cloned().collect(),
         }
@@ -824,88 +825,16 @@ pub struct Status {
     pub commit_error: Option<String>,
     /// Why the job stopped, if it could not go on.
     pub failed: Option<String>,
+    /// The job has finished (every member left after a worker finished it).
+    pub finished: bool,
     pub changes: Vec<HyperParameterChange>,
     pub events: Vec<String>,
 }
 
 impl Status {
-    /// Prometheus exposition text, `axial_coordinator_*`.
+    /// Prometheus exposition text, `axial_coordinator_*` (see `crate::metrics`).
     pub fn prometheus(&self) -> String {
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, lines: Vec<(String, f64)>| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
-            for (labels, v) in lines {
-                out.push_str(&format!("{name}{labels} {v}\n"));
-            }
-        };
-        let by_state = ["running", "joining", "standby"]
-            .iter()
-            .map(|s| {
-                (
-                    format!("{{state=\"{s}\"}}"),
-                    self.workers.iter().filter(|w| w.state == *s).count() as f64,
-                )
-            })
-            .collect();
-        gauge("axial_coordinator_workers", "Workers by state.", by_state);
-        gauge(
-            "axial_coordinator_generation",
-            "Current generation (changes with every membership change).",
-            vec![(String::new(), self.generation as f64)],
-        );
-        gauge(
-            "axial_coordinator_world_size",
-            "Ranks in the running group.",
-            vec![(String::new(), self.world as f64)],
-        );
-        gauge(
-            "axial_coordinator_global_step",
-            "Highest optimizer step reported by a worker.",
-            vec![(String::new(), self.global_step as f64)],
-        );
-        gauge(
-            "axial_coordinator_samples_per_second",
-            "Training samples per second (all ranks), as rank 0 reports it.",
-            vec![(String::new(), self.images_per_second)],
-        );
-        if let Some(c) = &self.committed {
-            gauge(
-                "axial_coordinator_committed_step",
-                "Step of the newest committed checkpoint.",
-                vec![(String::new(), c.step as f64)],
-            );
-            if let Some(age) = c.age_ms {
-                gauge(
-                    "axial_coordinator_checkpoint_age_seconds",
-                    "Seconds since the newest checkpoint was committed.",
-                    vec![(String::new(), age as f64 / 1e3)],
-                );
-            }
-        }
-        gauge(
-            "axial_coordinator_restarts",
-            "Times the coordinator was restarted on this job's saved state.",
-            vec![(String::new(), self.restarts as f64)],
-        );
-        gauge(
-            "axial_coordinator_hyperparameter_changes",
-            "Hyperparameter changes accepted during the job.",
-            vec![(String::new(), self.changes.len() as f64)],
-        );
-        if let Some(ms) = self.checkpoint_ms {
-            gauge(
-                "axial_coordinator_checkpoint_duration_seconds",
-                "From the first to the last vote of the newest checkpoint.",
-                vec![(String::new(), ms as f64 / 1e3)],
-            );
-        }
-        out.push_str(&format!(
-            "# HELP axial_coordinator_commit_failures_total Checkpoint commits that failed.\n\
-             # TYPE axial_coordinator_commit_failures_total counter\n\
-             axial_coordinator_commit_failures_total {}\n",
-            self.commit_failures
-        ));
-        out
+        crate::metrics::CoordinatorMetrics::new().render(self)
     }
 }
 
@@ -1137,7 +1066,7 @@ mod tests {
             again
                 .status(0)
                 .prometheus()
-                .contains("axial_coordinator_restarts 1")
+                .contains("axial_coordinator_restarts_total 1")
         );
         let Join::Assigned {
             assignment: next,

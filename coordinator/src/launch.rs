@@ -35,6 +35,9 @@ pub struct ServeOptions {
     pub progress_timeout_ms: u64,
     /// How long a checkpoint waits for every rank's vote before it is abandoned.
     pub vote_timeout_ms: u64,
+    /// After the job finished, keep `/metrics` up this long (a scrape then sees
+    /// `axial_coordinator_job_finished 1`, and alerts know the job ended rather than died).
+    pub linger: Duration,
 }
 
 /// Serves the job until every worker has finished (or Ctrl-C). `ready` receives the bound
@@ -149,6 +152,14 @@ pub async fn serve(
     if let Some(why) = failed.lock().unwrap_or_else(|e| e.into_inner()).failed() {
         bail!("the job stopped: {why}");
     }
+    let finished = failed.lock().unwrap_or_else(|e| e.into_inner()).done();
+    if finished && !opts.linger.is_zero() {
+        eprintln!(
+            "coordinator: the job has finished; /metrics stays up {} s (--linger)",
+            opts.linger.as_secs()
+        );
+        tokio::time::sleep(opts.linger).await;
+    }
     if let Ok(()) = terminated_rx.await {
         bail!(
             "terminated (SIGTERM); the job goes on with a coordinator started again with --resume"
@@ -240,6 +251,7 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
         tls: None,
         progress_timeout_ms: o.progress_timeout_s * 1000,
         vote_timeout_ms: 120_000,
+        linger: Duration::ZERO,
     };
     let server = rt.spawn(serve(job, opts, Some(tx)));
     let addr = rt.block_on(rx).context("the coordinator did not start")?;

@@ -9,7 +9,7 @@
 //! - [`job::JobState`]: the job's state, composing the above with the committed checkpoint
 //!   (the durable state is the checkpoints on disk).
 //! - [`service`]: the gRPC service over `JobState` (tonic), behind a token interceptor.
-//! - [`http`]: `/metrics` and `/api/status`.
+//! - [`http`]: `/metrics` and `/api/status`; [`metrics`]: the Prometheus metrics.
 //! - [`launch`]: serving, and the local launcher (coordinator + N worker processes).
 //!
 //! The data plan and the sample ledger are in `axial_common::plan` (workers use them too).
@@ -20,5 +20,6 @@ pub mod http;
 pub mod job;
 pub mod launch;
 pub mod membership;
+pub mod metrics;
 pub mod rendezvous;
 pub mod service;

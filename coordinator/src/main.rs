@@ -80,6 +80,11 @@ enum Command {
         /// above the longest checkpoint write).
         #[arg(long, default_value_t = 120)]
         vote_timeout: u64,
+        /// Seconds to keep /metrics up after the job finished, so that Prometheus scrapes
+        /// `axial_coordinator_job_finished 1` (and alerts know the job ended, not died). Set
+        /// it above the scrape interval.
+        #[arg(long, default_value_t = 0)]
+        linger: u64,
         /// Serve plain gRPC on an address other hosts can reach (without TLS the job token and
         /// the collective's rendezvous cross the network in clear text). Needed to serve
         /// without --tls-cert/--tls-key anywhere but on loopback.
@@ -156,10 +161,11 @@ fn main() {
             tls,
             insecure,
             vote_timeout,
+            linger,
         } => serve_cmd(
             tls,
             &job,
-            (listen, insecure),
+            (listen, insecure, linger),
             &token_file,
             (
                 workers,
@@ -239,7 +245,7 @@ struct ClientTls {
 fn serve_cmd(
     tls: ServerTls,
     job: &std::path::Path,
-    (listen, insecure): (std::net::SocketAddr, bool),
+    (listen, insecure, linger): (std::net::SocketAddr, bool, u64),
     token_file: &std::path::Path,
     (workers, min, heartbeat_timeout, progress_timeout, vote_timeout): (
         usize,
@@ -323,6 +329,7 @@ fn serve_cmd(
         tls,
         progress_timeout_ms: progress_timeout * 1000,
         vote_timeout_ms: vote_timeout * 1000,
+        linger: std::time::Duration::from_secs(linger),
     };
     let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
     rt.block_on(serve(config, opts, None))

@@ -309,8 +309,10 @@ fn gradients_match_finite_differences() {
                 let numeric = (up - down) / (2.0 * h);
                 let analytic = grad.double_value(&[idx]);
                 // Relative error, with an absolute floor for gradients that are zero up to
-                // round-off (a bias in front of a train-mode batch norm).
-                let err = (numeric - analytic).abs() / numeric.abs().max(analytic.abs()).max(1e-3);
+                // round-off (a bias in front of a train-mode batch norm): there the central
+                // difference is round-off over h, measured up to 1.6e-7 (the inputs are drawn
+                // from the global generator, which tests running at the same time share).
+                let err = (numeric - analytic).abs() / numeric.abs().max(analytic.abs()).max(1e-2);
                 assert!(
                     err < 1e-4,
                     "{variant} {name}[{idx}]: autograd {analytic:.8e} vs numeric {numeric:.8e}"
