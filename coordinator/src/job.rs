@@ -21,6 +21,78 @@ use crate::barrier::{Barrier, FileVote, VoteOutcome};
 use crate::membership::{Assignment, HeartbeatReply, JoinReply, Membership, MembershipConfig};
 use crate::rendezvous::{self, Rendezvous};
 
+/// What a rank's training heartbeat reported (see `axial.v1.HeartbeatRequest`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Report {
+    pub step: u64,
+    pub loss: f64,
+    pub images_per_second: f64,
+    pub lr: f64,
+    pub total_steps: u64,
+    /// Mean seconds per step: data_wait, forward, backward, allreduce_wait, optimizer.
+    pub phase_seconds: [f64; 5],
+    /// An evaluation: its epoch (from 1) and validation top-1.
+    pub eval: Option<(u64, f64)>,
+    /// When it arrived (the state machines' clock, ms).
+    #[serde(skip)]
+    pub at: u64,
+}
+
+/// A point of the job's progress over time, from rank 0's reports.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Point {
+    /// Unix time, ms.
+    pub t: u64,
+    pub step: u64,
+    pub loss: f64,
+    pub images_per_second: f64,
+    pub lr: f64,
+}
+
+/// A committed checkpoint, for the dashboard.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckpointInfo {
+    pub step: u64,
+    pub epoch: u64,
+    /// Unix time of the commit, ms.
+    pub t: u64,
+    pub bytes: u64,
+}
+
+/// A ranked worker's step, phase by phase, for the dashboard's straggler view.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankPhases {
+    pub id: String,
+    pub rank: usize,
+    pub host: String,
+    /// Mean seconds per step (the sum of the phases).
+    pub step_seconds: f64,
+    pub phase_seconds: [f64; 5],
+}
+
+/// An event with its time (unix ms).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimedEvent {
+    pub t: u64,
+    pub text: String,
+}
+
+/// Points the progress history keeps (when full, every other one is dropped: the whole run
+/// at a coarser grain).
+const HISTORY_POINTS: usize = 1000;
+/// Committed checkpoints the dashboard lists.
+const CHECKPOINTS_SHOWN: usize = 20;
+/// Workers `/api/status` lists one by one (failed first, then the slowest); the rest are
+/// counted.
+pub const WORKERS_LISTED: usize = 200;
+
+/// Unix time in ms.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Checkpoint commits that may fail in a row before the job stops.
 pub const MAX_COMMIT_FAILURES: u64 = 3;
 
@@ -119,7 +191,13 @@ pub struct JobState {
     /// (generation, highest step reported in it, when it last advanced).
     advance: (u64, u64, u64),
     /// Last heartbeat per worker: (step, loss, images/s, at).
-    progress: std::collections::BTreeMap<String, (u64, f64, f64, u64)>,
+    progress: std::collections::BTreeMap<String, Report>,
+    /// Rank 0's reports over time, evaluations by epoch, the last commits, and when each log
+    /// line was written (unix ms; stamped at the next tick).
+    history: std::collections::VecDeque<Point>,
+    evals: std::collections::BTreeMap<u64, f64>,
+    checkpoints: std::collections::VecDeque<CheckpointInfo>,
+    log_times: Vec<u64>,
     /// Time of the last commit and how long its barrier took (ms).
     last_commit: Option<(u64, u64)>,
     barrier_started: Option<u64>,
@@ -214,6 +292,10 @@ impl JobState {
             progress_timeout_ms: 0,
             advance: (0, 0, 0),
             progress: std::collections::BTreeMap::new(),
+            history: Default::default(),
+            evals: Default::default(),
+            checkpoints: Default::default(),
+            log_times: Vec::new(),
             last_commit: None,
             barrier_started: None,
             changes,
@@ -277,7 +359,7 @@ impl JobState {
         let reported = self
             .progress
             .values()
-            .map(|p| p.0)
+            .map(|p| p.step)
             .chain(self.committed.as_ref().map(|c| c.position.step))
             .max()
             .unwrap_or(0);
@@ -388,7 +470,7 @@ impl JobState {
         {
             return Some(*step);
         }
-        let reported = self.progress.values().map(|p| p.0).max().unwrap_or(0);
+        let reported = self.progress.values().map(|p| p.step).max().unwrap_or(0);
         let step = reported
             .saturating_add(self.job.train.log_every.saturating_mul(2))
             .saturating_add(1);
@@ -446,7 +528,7 @@ impl JobState {
         self.membership.heartbeat(worker, generation, now)
     }
 
-    /// Records what a heartbeat said about progress.
+    /// Records what a heartbeat said about progress (step, loss, images/s).
     pub fn record_progress(
         &mut self,
         worker: &str,
@@ -455,8 +537,42 @@ impl JobState {
         images_per_second: f64,
         now: u64,
     ) {
-        self.progress
-            .insert(worker.to_owned(), (step, loss, images_per_second, now));
+        self.record_report(
+            worker,
+            Report {
+                step,
+                loss,
+                images_per_second,
+                ..Report::default()
+            },
+            now,
+        );
+    }
+
+    /// Records a rank's training heartbeat; rank 0's also goes into the progress history and
+    /// the evaluation curve.
+    pub fn record_report(&mut self, worker: &str, mut report: Report, now: u64) {
+        report.at = now;
+        if self.rank_of(worker) == Some(0) {
+            if let Some((epoch, top1)) = report.eval {
+                self.evals.insert(epoch, top1);
+            }
+            if self.history.back().is_none_or(|p| p.step != report.step) {
+                if self.history.len() >= HISTORY_POINTS {
+                    let kept: std::collections::VecDeque<Point> =
+                        self.history.iter().step_by(2).copied().collect();
+                    self.history = kept;
+                }
+                self.history.push_back(Point {
+                    t: wall_ms(),
+                    step: report.step,
+                    loss: report.loss,
+                    images_per_second: report.images_per_second,
+                    lr: report.lr,
+                });
+            }
+        }
+        self.progress.insert(worker.to_owned(), report);
     }
 
     /// A snapshot for `/api/status` and `/metrics`.
@@ -466,7 +582,8 @@ impl JobState {
             .workers()
             .into_iter()
             .map(|(id, rank, last_seen, standby)| {
-                let (step, loss, ips, _) = self.progress.get(&id).copied().unwrap_or_default();
+                let p = self.progress.get(&id).copied().unwrap_or_default();
+                let (step, loss, ips) = (p.step, p.loss, p.images_per_second);
                 WorkerStatus {
                     host: self.hosts.get(&id).cloned().unwrap_or_default(),
                     reason: String::new(),
@@ -497,7 +614,62 @@ impl JobState {
                 images_per_second: 0.0,
             }))
             .collect::<Vec<_>>();
-        let lead = workers.iter().find(|w| w.rank == Some(0));
+        let lead_ips = workers
+            .iter()
+            .find(|w| w.rank == Some(0))
+            .map_or(0.0, |w| w.images_per_second);
+        let lead_report = self
+            .membership
+            .workers()
+            .into_iter()
+            .find(|(_, rank, _, _)| *rank == Some(0))
+            .and_then(|(id, _, _, _)| self.progress.get(&id).copied());
+        // The straggler view: every ranked worker's step by phase, slowest first.
+        let mut ranks: Vec<RankPhases> = self
+            .membership
+            .workers()
+            .into_iter()
+            .filter_map(|(id, rank, _, _)| {
+                let p = self.progress.get(&id)?;
+                Some(RankPhases {
+                    host: self.hosts.get(&id).cloned().unwrap_or_default(),
+                    rank: rank?,
+                    step_seconds: p.phase_seconds.iter().sum(),
+                    phase_seconds: p.phase_seconds,
+                    id,
+                })
+            })
+            .collect();
+        ranks.sort_by(|a, b| b.step_seconds.total_cmp(&a.step_seconds));
+        let median = ranks.get(ranks.len() / 2).map_or(0.0, |r| r.step_seconds);
+        let step_skew = ranks
+            .first()
+            .filter(|_| median > 0.0)
+            .map(|r| r.step_seconds / median);
+        let worker_count = workers.len();
+        let mut workers = workers;
+        // Failed first, then the slowest (highest time since a heartbeat, then by step).
+        workers.sort_by_key(|w| (w.state != "failed", std::cmp::Reverse(w.since_heartbeat_ms)));
+        workers.truncate(WORKERS_LISTED);
+        let global_step = self.progress.values().map(|p| p.step).max().unwrap_or(0);
+        let total_steps = lead_report.map_or(0, |p| p.total_steps);
+        // Steps per second over the last minute of history (or what there is).
+        let eta_seconds = {
+            let last = self.history.back();
+            let first = last.and_then(|l| {
+                self.history
+                    .iter()
+                    .find(|p| l.t.saturating_sub(p.t) <= 60_000 && p.step < l.step)
+            });
+            match (first, last) {
+                (Some(a), Some(b)) if b.t > a.t && total_steps > global_step => {
+                    let rate = (b.step - a.step) as f64 / ((b.t - a.t) as f64 / 1e3);
+                    Some((total_steps - global_step) as f64 / rate)
+                }
+                _ => None,
+            }
+        };
+        let stamped = |i: usize| self.log_times.get(i).copied().unwrap_or_else(wall_ms);
         Status {
             job: self
                 .job
@@ -508,8 +680,11 @@ impl JobState {
             epochs: self.job.train.epochs,
             generation: self.membership.generation(),
             world: self.membership.world(),
-            global_step: workers.iter().map(|w| w.step).max().unwrap_or(0),
-            images_per_second: lead.map_or(0.0, |w| w.images_per_second),
+            global_step,
+            total_steps,
+            eta_seconds,
+            lr: lead_report.map_or(0.0, |p| p.lr),
+            images_per_second: lead_ips,
             committed: self.committed.as_ref().map(|c| CommittedStatus {
                 folder: c.folder.display().to_string(),
                 step: c.position.step,
@@ -521,6 +696,43 @@ impl JobState {
             checkpoint_ms: self.last_commit.map(|(_, took)| took),
             pending_checkpoint: self.barrier.pending_step(),
             workers,
+            worker_count,
+            ranks: ranks.into_iter().take(WORKERS_LISTED.min(20)).collect(),
+            step_skew,
+            history: self.history.iter().copied().collect(),
+            evals: self.evals.iter().map(|(e, t)| (*e, *t)).collect(),
+            checkpoints: self.checkpoints.iter().rev().cloned().collect(),
+            timeline: self
+                .log
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| {
+                    [
+                        "Formed",
+                        "Lost",
+                        "Failed",
+                        "Restarted",
+                        "Left",
+                        "gave up",
+                        "terminating",
+                        "commit",
+                        "abandoned",
+                        "restarted on",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                        && !l.starts_with("committed")
+                })
+                .rev()
+                .take(100)
+                .map(|(i, l)| TimedEvent {
+                    t: stamped(i),
+                    text: l.clone(),
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect(),
             restarts: self.restarts,
             commit_failures: self.commit_failures.0,
             commit_error: self.commit_failures.2.clone(),
@@ -706,6 +918,15 @@ impl JobState {
             pos.epoch,
             pos.consumed
         ));
+        if self.checkpoints.len() >= CHECKPOINTS_SHOWN {
+            self.checkpoints.pop_front();
+        }
+        self.checkpoints.push_back(CheckpointInfo {
+            step: pos.step,
+            epoch: pos.epoch,
+            t: wall_ms(),
+            bytes: manifest.files.iter().map(|f| f.bytes).sum(),
+        });
         self.committed = Some(Committed {
             folder,
             position: pos,
@@ -751,11 +972,15 @@ impl JobState {
     }
 
     pub fn tick(&mut self, now: u64) {
+        // When the log's new lines were written (within a tick).
+        while self.log_times.len() < self.log.len() {
+            self.log_times.push(wall_ms());
+        }
         let before = self.membership.generation();
         self.membership.tick(now);
         if self.membership.phase() == crate::membership::Phase::Running {
             let generation = self.membership.generation();
-            let step = self.progress.values().map(|p| p.0).max().unwrap_or(0);
+            let step = self.progress.values().map(|p| p.step).max().unwrap_or(0);
             if self.advance.0 != generation || step > self.advance.1 {
                 self.advance = (generation, step, now);
             } else if self.progress_timeout_ms > 0
@@ -813,11 +1038,29 @@ pub struct Status {
     pub generation: u64,
     pub world: usize,
     pub global_step: u64,
+    /// The job's total steps (rank 0's report) and the time left at the last minute's pace.
+    pub total_steps: u64,
+    pub eta_seconds: Option<f64>,
+    /// The learning rate of rank 0's last reported step.
+    pub lr: f64,
     pub images_per_second: f64,
     pub committed: Option<CommittedStatus>,
     pub checkpoint_ms: Option<u64>,
     pub pending_checkpoint: Option<u64>,
+    /// At most `WORKERS_LISTED` workers, failed first, then the slowest to heartbeat; all of
+    /// them are counted in `worker_count`.
     pub workers: Vec<WorkerStatus>,
+    pub worker_count: usize,
+    /// The slowest ranks' steps by phase (data_wait, forward, backward, allreduce_wait,
+    /// optimizer), slowest first, and the slowest rank's step time over the median's.
+    pub ranks: Vec<RankPhases>,
+    pub step_skew: Option<f64>,
+    /// Progress over time (rank 0), validation top-1 by epoch, the newest commits first, and
+    /// the group's events (formed, lost, failed, left, ...) with their times.
+    pub history: Vec<Point>,
+    pub evals: Vec<(u64, f64)>,
+    pub checkpoints: Vec<CheckpointInfo>,
+    pub timeline: Vec<TimedEvent>,
     /// Times the coordinator was restarted on this job's saved state.
     pub restarts: u64,
     /// Checkpoint commits that failed, and the last failure's reason while commits fail.

@@ -91,7 +91,7 @@ pub async fn serve(
         .await
         .with_context(|| format!("HTTP on {http}"))?;
         eprintln!(
-            "coordinator: status on {scheme}://{bound}/api/status, metrics on {scheme}://{bound}/metrics"
+            "coordinator: dashboard on {scheme}://{bound}/ (status at /api/status, metrics at /metrics)"
         );
     }
     let ticker = service.clone();

@@ -15,7 +15,7 @@ use axial_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::job::{JobState, Join, StoreRefused};
+use crate::job::{JobState, Join, Report, StoreRefused};
 use crate::membership::HeartbeatReply as Hb;
 use crate::rendezvous::{Op, Outcome, StoreError};
 
@@ -264,7 +264,21 @@ impl Coordinator for Service {
         let mut state = self.lock();
         let reply = state.heartbeat(&r.worker_id, r.generation, now);
         if matches!(reply, Hb::Ok) && r.phase == "train" {
-            state.record_progress(&r.worker_id, r.step, r.loss, r.images_per_second, now);
+            let mut phase_seconds = [0.0; 5];
+            for (slot, v) in phase_seconds.iter_mut().zip(&r.phase_seconds) {
+                *slot = if v.is_finite() { v.max(0.0) } else { 0.0 };
+            }
+            let report = Report {
+                step: r.step,
+                loss: r.loss,
+                images_per_second: r.images_per_second,
+                lr: r.lr,
+                total_steps: r.total_steps,
+                phase_seconds,
+                eval: (r.eval_epoch > 0).then_some((r.eval_epoch, r.eval_top1)),
+                at: now,
+            };
+            state.record_report(&r.worker_id, report, now);
         }
         if matches!(reply, Hb::Ok) && r.phase == "terminating" {
             state.terminating(&r.worker_id);

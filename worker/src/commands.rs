@@ -34,10 +34,11 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let job = JobConfig::load(&args.job)?;
     let metrics = WorkerMetrics::new();
     if let Some(addr) = job.metrics_addr() {
-        let bound =
-            serve(addr, metrics.handle()).with_context(|| format!("metrics.listen = {addr}"))?;
-        if !args.quiet {
-            eprintln!("metrics: http://{bound}/metrics");
+        // A port taken is a warning: training does not need /metrics.
+        match serve(addr, metrics.handle()) {
+            Ok(bound) if !args.quiet => eprintln!("metrics: http://{bound}/metrics"),
+            Ok(_) => {}
+            Err(e) => eprintln!("WARNING: no /metrics: [metrics] listen = {addr}: {e}"),
         }
     }
     // SIGTERM (a preempted node, a time limit): checkpoint after the step in progress, stop.

@@ -36,7 +36,7 @@ use tonic::transport::Channel;
 use crate::collective::{Backend, ProcessGroup, Store};
 use crate::error::{Error, Result};
 use crate::metrics::{WorkerMetrics, serve};
-use crate::train::run::{Coordination, Distributed, RunOptions, run};
+use crate::train::run::{Coordination, Distributed, Report, RunOptions, run};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct JoinArgs {
@@ -368,15 +368,21 @@ impl Session {
 }
 
 impl Coordination for Session {
-    fn heartbeat(&mut self, step: u64, loss: f64, images_per_second: f64) -> Result<()> {
-        self.step.store(step, Ordering::Relaxed);
+    fn heartbeat(&mut self, report: &Report) -> Result<()> {
+        self.step.store(report.step, Ordering::Relaxed);
+        let (eval_epoch, eval_top1) = report.eval.unwrap_or((0, 0.0));
         let req = HeartbeatRequest {
             worker_id: self.worker_id.clone(),
             generation: self.generation,
-            step,
+            step: report.step,
             phase: "train".into(),
-            loss,
-            images_per_second,
+            loss: report.loss,
+            images_per_second: report.images_per_second,
+            lr: report.lr,
+            total_steps: report.total_steps,
+            phase_seconds: report.phase_seconds.to_vec(),
+            eval_epoch,
+            eval_top1,
         };
         let reply =
             self.call(|mut c| async move { c.heartbeat(axial_proto::deadline::call(req)).await })?;
@@ -710,11 +716,15 @@ fn run_generation(
         backend.name()
     );
     if !*serving_metrics && let Some(addr) = job.metrics_addr() {
-        let bound = serve(addr, metrics.handle()).map_err(|source| Error::Write {
-            path: PathBuf::from(format!("metrics listener {addr}")),
-            source,
-        })?;
-        eprintln!("{worker_id}: metrics on http://{bound}/metrics");
+        // Without metrics the worker still trains: a port taken (another job on the node,
+        // node_exporter on 9100) is a warning, not a failure.
+        match serve(addr, metrics.handle()) {
+            Ok(bound) => eprintln!("{worker_id}: metrics on http://{bound}/metrics"),
+            Err(e) => eprintln!(
+                "{worker_id}: WARNING: no /metrics: cannot listen on {addr} ({e}); give \
+                 --metrics-listen another address"
+            ),
+        }
         *serving_metrics = true;
     }
     let resume_from = reply

@@ -3,7 +3,6 @@
 //! [`WorkerMetrics`] holds handles registered on its own recorder (no global recorder): the
 //! training loop updates them, and [`serve`] renders them over HTTP on a small thread.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +39,9 @@ pub struct WorkerMetrics {
     pub eval_loss: Gauge,
     pub checkpoint_seconds: Histogram,
     phases: [Histogram; 5],
+    /// Seconds spent in each phase since the last [`WorkerMetrics::take_phase_sums`] (f64
+    /// bits), for the heartbeat's per-phase breakdown.
+    phase_sums: [std::sync::atomic::AtomicU64; 5],
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -155,11 +157,35 @@ impl WorkerMetrics {
                 phase("optimizer"),
             ],
             recorder: r,
+            phase_sums: Default::default(),
         }
     }
 
     pub fn phase(&self, phase: Phase) -> &Histogram {
         &self.phases[phase as usize]
+    }
+
+    /// Records `seconds` of `phase`: the histogram, and the sum the next heartbeat reports.
+    pub fn record(&self, phase: Phase, seconds: f64) {
+        use std::sync::atomic::Ordering;
+        self.phases[phase as usize].record(seconds);
+        let sum = &self.phase_sums[phase as usize];
+        let mut old = sum.load(Ordering::Relaxed);
+        loop {
+            let new = (f64::from_bits(old) + seconds).to_bits();
+            match sum.compare_exchange_weak(old, new, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => old = now,
+            }
+        }
+    }
+
+    /// Seconds spent in each phase (data_wait, forward, backward, allreduce_wait, optimizer)
+    /// since the last call.
+    pub fn take_phase_sums(&self) -> [f64; 5] {
+        self.phase_sums
+            .each_ref()
+            .map(|s| f64::from_bits(s.swap(0, std::sync::atomic::Ordering::Relaxed)))
     }
 
     pub fn handle(&self) -> PrometheusHandle {
@@ -180,33 +206,67 @@ impl Default for WorkerMetrics {
     }
 }
 
-/// Serves `/metrics` on `addr` from a background thread; returns the bound address.
+/// Serves `/metrics` on `addr` from a thread of its own (hyper's HTTP/1 server on a small
+/// runtime): a request must send its headers within 5 s and within 16 KiB, a connection lasts
+/// at most 30 s, and any other path is a 404. Returns the bound address.
 pub fn serve(addr: SocketAddr, handle: PrometheusHandle) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
-    std::thread::Builder::new().name("metrics-http".into()).spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut line = String::new();
-            if BufReader::new(&stream).read_line(&mut line).is_err() {
-                continue;
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
-                handle.run_upkeep();
-                ("200 OK", handle.render())
-            } else {
-                ("404 Not Found", "not found: try /metrics\n".to_owned())
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    })?;
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let handle = handle.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let handle = handle.clone();
+                            async move { Ok::<_, std::convert::Infallible>(respond(&req, &handle)) }
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(Duration::from_secs(5))
+                            .max_buf_size(16 * 1024)
+                            .keep_alive(false)
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                        let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                    });
+                }
+            });
+        })?;
     Ok(bound)
+}
+
+fn respond(
+    req: &hyper::Request<hyper::body::Incoming>,
+    handle: &PrometheusHandle,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let (status, body) = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+        handle.run_upkeep();
+        (hyper::StatusCode::OK, handle.render())
+    } else {
+        (
+            hyper::StatusCode::NOT_FOUND,
+            "not found: try GET /metrics\n".to_owned(),
+        )
+    };
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }
 
 #[cfg(test)]
@@ -220,8 +280,8 @@ mod tests {
         m.samples.increment(96);
         m.skipped_samples.increment(1);
         m.loss.set(1.5);
-        m.phase(Phase::Forward).record(0.02);
-        m.phase(Phase::DataWait).record(0.001);
+        m.record(Phase::Forward, 0.02);
+        m.record(Phase::DataWait, 0.001);
         m.eval_top1.set(0.9);
         let text = m.render();
         for needle in [
@@ -240,6 +300,7 @@ mod tests {
 
     #[test]
     fn serves_metrics_over_http() {
+        use std::io::Write;
         let m = WorkerMetrics::new();
         m.steps.increment(7);
         let addr = serve("127.0.0.1:0".parse().expect("addr"), m.handle()).expect("bind");
@@ -256,5 +317,17 @@ mod tests {
             "{ok}"
         );
         assert!(get("/other").starts_with("HTTP/1.1 404"));
+        // An oversized request is refused, not buffered without end.
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let huge = format!(
+            "GET /metrics HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(64 * 1024)
+        );
+        let _ = s.write_all(huge.as_bytes());
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut out);
+        assert!(!out.starts_with("HTTP/1.1 200"), "{out}");
     }
 }

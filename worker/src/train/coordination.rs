@@ -20,7 +20,7 @@ use crate::metrics::WorkerMetrics;
 /// What a distributed run reports to, and hears from, the coordinator.
 pub trait Coordination {
     /// Progress; an error ends the run (the generation was aborted, the job stopped).
-    fn heartbeat(&mut self, step: u64, loss: f64, images_per_second: f64) -> Result<()>;
+    fn heartbeat(&mut self, report: &Report) -> Result<()>;
     /// This rank's vote for the checkpoint at `pos`; rank 0 passes the folder it wrote and
     /// its files.
     fn vote(&mut self, pos: Position, folder: Option<&Path>, files: Vec<FileEntry>) -> Result<()>;
@@ -34,6 +34,24 @@ pub trait Coordination {
     fn drain_at(&self) -> Option<u64> {
         None
     }
+}
+
+/// What a rank's training heartbeat says (every `log_every` steps, and after an evaluation).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Report {
+    pub step: u64,
+    /// Mean loss since the last report.
+    pub loss: f64,
+    pub images_per_second: f64,
+    /// The learning rate of the last step.
+    pub lr: f64,
+    /// The job's total steps (for the ETA).
+    pub total_steps: u64,
+    /// Mean seconds per step of each phase since the last report: data_wait, forward,
+    /// backward, allreduce_wait, optimizer.
+    pub phase_seconds: [f64; 5],
+    /// An evaluation since the last report: its epoch (from 1) and validation top-1.
+    pub eval: Option<(u64, f64)>,
 }
 
 /// The group and the coordinator of a distributed run.

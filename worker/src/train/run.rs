@@ -26,7 +26,7 @@ use tch::{Kind, Tensor};
 
 use super::checkpoint::{self, Position, Writer};
 use super::checkpointer::{checkpoint_at, replica_fingerprint, written};
-pub use super::coordination::{Coordination, Distributed};
+pub use super::coordination::{Coordination, Distributed, Report};
 use super::coordination::{LiveJob, drain_now, drain_step};
 use super::eval::{EvalOptions, EvalResult, evaluate};
 use super::optim::Optimizer;
@@ -338,6 +338,11 @@ pub fn run(
     let mut stopped_early = false;
     let start_samples = pos.samples_seen;
     let mut window = (Instant::now(), pos.samples_seen);
+    // The last training heartbeat's report (the next one's phases are per step since it).
+    let mut last_report = Report {
+        step: pos.step,
+        ..Report::default()
+    };
     let mut running_loss = Tensor::zeros([], (Kind::Float, device));
     let mut running_n = 0u64;
     let mut epoch_loss = (Tensor::zeros([], (Kind::Double, device)), 0u64);
@@ -381,9 +386,7 @@ pub fn run(
                 let Some(b) = loader.next().transpose()? else {
                     break;
                 };
-                metrics
-                    .phase(Phase::DataWait)
-                    .record(wait.elapsed().as_secs_f64());
+                metrics.record(Phase::DataWait, wait.elapsed().as_secs_f64());
                 for e in &b.errors {
                     progress.line(&format!("skipped {e}"));
                 }
@@ -453,8 +456,18 @@ pub fn run(
                 window = (Instant::now(), pos.samples_seen);
                 metrics.loss.set(loss);
                 metrics.images_per_second.set(ips);
+                let since = pos.step.saturating_sub(last_report.step).max(1) as f64;
+                last_report = Report {
+                    step: pos.step,
+                    loss,
+                    images_per_second: ips,
+                    lr,
+                    total_steps,
+                    phase_seconds: metrics.take_phase_sums().map(|s| s / since),
+                    eval: None,
+                };
                 if let Some(d) = dist.as_mut() {
-                    d.coordination.heartbeat(pos.step, loss, ips)?;
+                    d.coordination.heartbeat(&last_report)?;
                 }
                 message = Some(format!(
                     "epoch {}/{}  loss {loss:.4}  lr {lr:.5}  {ips:.0} img/s",
@@ -534,6 +547,13 @@ pub fn run(
                 dist.as_ref().map(|d| d.group.as_ref()),
             )?;
             metrics.eval_top1.set(last_eval.top1);
+            // The coordinator's accuracy curve: one report per evaluation.
+            if let Some(d) = dist.as_mut() {
+                d.coordination.heartbeat(&Report {
+                    eval: Some((epoch + 1, last_eval.top1)),
+                    ..last_report
+                })?;
+            }
             metrics.eval_top5.set(last_eval.top5);
             metrics.eval_loss.set(last_eval.loss);
             pos.skipped_samples += last_eval.skipped;

@@ -174,12 +174,12 @@ impl<'a> Step<'a> {
             smoothed_cross_entropy(&logits, &labels, self.label_smoothing)
         };
         if let Some(m) = metrics {
-            m.phase(Phase::Forward).record(t.elapsed().as_secs_f64());
+            m.record(Phase::Forward, t.elapsed().as_secs_f64());
         }
         let t = Instant::now();
         (&loss * (scale.scale * n as f64 / step_samples)).f_backward()?;
         if let Some(m) = metrics {
-            m.phase(Phase::Backward).record(t.elapsed().as_secs_f64());
+            m.record(Phase::Backward, t.elapsed().as_secs_f64());
         }
         Ok((n > 0).then(|| loss.detach()))
     }
@@ -209,8 +209,7 @@ impl<'a> Step<'a> {
             Reduce::AfterBackward(g) => allreduce_gradients(g, &grads, BUCKET_BYTES)?,
         }
         if let (Some(m), Some(_)) = (metrics, self.reduce.group()) {
-            m.phase(Phase::AllReduceWait)
-                .record(wait.elapsed().as_secs_f64());
+            m.record(Phase::AllReduceWait, wait.elapsed().as_secs_f64());
         }
         let t = Instant::now();
         if let Some(e) = self.sync.and_then(SyncContext::take_error) {
@@ -228,7 +227,7 @@ impl<'a> Step<'a> {
             average_buffers(g, self.buffers)?;
         }
         if let Some(m) = metrics {
-            m.phase(Phase::Optimizer).record(t.elapsed().as_secs_f64());
+            m.record(Phase::Optimizer, t.elapsed().as_secs_f64());
         }
         Ok(stepped)
     }
