@@ -69,6 +69,7 @@ fn main() {
             .flag_if_supported("-Wno-interference-size")
             .include("csrc") // the gloo header stand-ins
             .file("csrc/precision.cpp")
+            .file("csrc/device_memory.cpp")
             .file("csrc/c10d_shim.cpp")
             .file("csrc/kv_store.cpp")
             .file("csrc/nccl_shim.cpp")

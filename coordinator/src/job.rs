@@ -647,11 +647,23 @@ impl JobState {
             .filter(|_| median > 0.0)
             .map(|r| r.step_seconds / median);
         let worker_count = workers.len();
+        let mut workers_by_state = std::collections::BTreeMap::new();
+        for w in &workers {
+            *workers_by_state.entry(w.state).or_insert(0) += 1;
+        }
         let mut workers = workers;
         // Failed first, then the slowest (highest time since a heartbeat, then by step).
         workers.sort_by_key(|w| (w.state != "failed", std::cmp::Reverse(w.since_heartbeat_ms)));
         workers.truncate(WORKERS_LISTED);
-        let global_step = self.progress.values().map(|p| p.step).max().unwrap_or(0);
+        // The ranks' reports, or the committed step: every group resumes from that one, and
+        // once the members have left (a finished job) it is the last step.
+        let global_step = self
+            .progress
+            .values()
+            .map(|p| p.step)
+            .chain(self.committed.as_ref().map(|c| c.position.step))
+            .max()
+            .unwrap_or(0);
         let total_steps = lead_report.map_or(0, |p| p.total_steps);
         // Steps per second over the last minute of history (or what there is).
         let eta_seconds = {
@@ -697,6 +709,7 @@ impl JobState {
             pending_checkpoint: self.barrier.pending_step(),
             workers,
             worker_count,
+            workers_by_state,
             ranks: ranks.into_iter().take(WORKERS_LISTED.min(20)).collect(),
             step_skew,
             history: self.history.iter().copied().collect(),
@@ -1051,6 +1064,8 @@ pub struct Status {
     /// them are counted in `worker_count`.
     pub workers: Vec<WorkerStatus>,
     pub worker_count: usize,
+    /// All workers counted by state (running, joining, standby, failed).
+    pub workers_by_state: std::collections::BTreeMap<&'static str, usize>,
     /// The slowest ranks' steps by phase (data_wait, forward, backward, allreduce_wait,
     /// optimizer), slowest first, and the slowest rank's step time over the median's.
     pub ranks: Vec<RankPhases>,

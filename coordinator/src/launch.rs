@@ -40,12 +40,20 @@ pub struct ServeOptions {
     pub linger: Duration,
 }
 
+/// Where a coordinator listens, once bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    /// The dashboard, `/api/status` and `/metrics` (None: off).
+    pub http: Option<SocketAddr>,
+}
+
 /// Serves the job until every worker has finished (or Ctrl-C). `ready` receives the bound
-/// address.
+/// addresses.
 pub async fn serve(
     job: JobConfig,
     opts: ServeOptions,
-    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    ready: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> anyhow::Result<()> {
     if opts.resume
         && let Some(done) = crate::job::finished_at(&job)
@@ -76,6 +84,7 @@ pub async fn serve(
         );
     }
     let service = Service::new(state);
+    let mut http_bound = None;
     if let Some(http) = opts.http {
         let scheme = if opts.http_tls.is_some() {
             "https"
@@ -90,6 +99,7 @@ pub async fn serve(
         )
         .await
         .with_context(|| format!("HTTP on {http}"))?;
+        http_bound = Some(bound);
         eprintln!(
             "coordinator: dashboard on {scheme}://{bound}/ (status at /api/status, metrics at /metrics)"
         );
@@ -113,7 +123,10 @@ pub async fn serve(
         }
     };
     if let Some(tx) = ready {
-        let _ = tx.send(addr);
+        let _ = tx.send(Bound {
+            grpc: addr,
+            http: http_bound,
+        });
     }
     eprintln!("coordinator: listening on {addr}");
     // SIGTERM (a preempted pod, a time limit): the job's state is on disk already (the
@@ -208,6 +221,36 @@ pub struct LaunchOptions {
     pub resume: bool,
     /// End a group whose step does not advance for this many seconds (0: never).
     pub progress_timeout_s: u64,
+    /// The dashboard, `/api/status` and `/metrics` (port 0 picks one).
+    pub http: SocketAddr,
+    /// Worker `i` serves its `/metrics` on 127.0.0.1:(base + i) (None: the job's
+    /// `[metrics] listen`).
+    pub metrics_port: Option<u16>,
+    /// A Prometheus file-discovery target list of the coordinator and the workers, written
+    /// once they are bound (needs `metrics_port`).
+    pub prometheus_targets: Option<PathBuf>,
+    /// Seconds `/metrics` stays up after the job finished.
+    pub linger_s: u64,
+}
+
+/// The Prometheus `file_sd_configs` list of a local launch: the coordinator's `/metrics` and
+/// every worker's, with the job labels that `deploy/prometheus` and its alerts use.
+fn prometheus_targets(coordinator: SocketAddr, workers: &[SocketAddr]) -> String {
+    let list = |a: &[SocketAddr]| a.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>();
+    format!(
+        "[{{\"targets\": [{}], \"labels\": {{\"job\": \"axial-coordinator\"}}}},\n \
+         {{\"targets\": [{}], \"labels\": {{\"job\": \"axial-worker\"}}}}]\n",
+        list(&[coordinator]).join(", "),
+        list(workers).join(", ")
+    )
+}
+
+/// Writes `text` to `path` through a temp file and a rename (Prometheus watches the file and
+/// must never read half of it).
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// `axial-coordinator launch`: a coordinator and `workers` local worker processes.
@@ -216,6 +259,21 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
     if workers == 0 {
         bail!("--workers must be at least 1");
     }
+    if o.prometheus_targets.is_some() && o.metrics_port.is_none() {
+        bail!("--prometheus-targets needs --metrics-port (the workers' ports must be known)");
+    }
+    let worker_metrics: Vec<SocketAddr> = match o.metrics_port {
+        None => Vec::new(),
+        Some(base) => (0..workers)
+            .map(|i| {
+                u16::try_from(usize::from(base) + i)
+                    .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+                    .map_err(|_| {
+                        anyhow::anyhow!("--metrics-port {base} + {workers} workers passes 65535")
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
     let min_workers = o.min_workers.unwrap_or(workers);
     if min_workers == 0 || min_workers > workers {
         bail!("--min-workers must be between 1 and --workers ({workers}), not {min_workers}");
@@ -246,17 +304,33 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
             timeout_ms: 10_000,
         },
         resume,
-        http: Some("127.0.0.1:0".parse()?),
+        http: Some(o.http),
         http_tls: None,
         tls: None,
         progress_timeout_ms: o.progress_timeout_s * 1000,
         vote_timeout_ms: 120_000,
-        linger: Duration::ZERO,
+        linger: Duration::from_secs(o.linger_s),
     };
     let server = rt.spawn(serve(job, opts, Some(tx)));
-    let addr = rt.block_on(rx).context("the coordinator did not start")?;
-    let spawn = |name: &str| -> anyhow::Result<Child> {
-        let mut child = Command::new(worker_bin)
+    let bound = match rt.block_on(rx) {
+        Ok(b) => b,
+        // The server ended before it was bound: its error says why.
+        Err(_) => {
+            return match rt.block_on(server) {
+                Ok(Err(e)) => Err(e),
+                _ => Err(anyhow::anyhow!("the coordinator did not start")),
+            };
+        }
+    };
+    let addr = bound.grpc;
+    if let (Some(file), Some(http)) = (&o.prometheus_targets, bound.http) {
+        write_atomically(file, &prometheus_targets(http, &worker_metrics))
+            .with_context(|| format!("write the Prometheus targets {}", file.display()))?;
+        eprintln!("launch: Prometheus targets in {}", file.display());
+    }
+    let spawn = |name: &str, index: usize| -> anyhow::Result<Child> {
+        let mut command = Command::new(worker_bin);
+        command
             .args([
                 "join",
                 "--coordinator",
@@ -268,7 +342,11 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
                 "5",
                 "--token-file",
             ])
-            .arg(&token_file)
+            .arg(&token_file);
+        if let Some(m) = worker_metrics.get(index) {
+            command.arg("--metrics-listen").arg(m.to_string());
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -284,7 +362,7 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
     let mut children: Vec<(String, Child)> = Vec::new();
     for i in 0..workers {
         let name = format!("w{i}");
-        children.push((name.clone(), spawn(&name)?));
+        children.push((name.clone(), spawn(&name, i)?));
     }
     let mut failed = None;
     let mut restarts = 0;
@@ -294,6 +372,7 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
             match children[i].1.try_wait()? {
                 Some(status) => {
                     let (name, _) = children.remove(i);
+                    let index: usize = name[1..].parse().unwrap_or(0);
                     if status.success() || failed.is_some() {
                         continue;
                     }
@@ -303,7 +382,7 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
                             "launch: worker {name} exited with {status}; starting it again (restart {restarts} of {})",
                             o.max_restarts
                         );
-                        children.push((name.clone(), spawn(&name)?));
+                        children.push((name.clone(), spawn(&name, index)?));
                     } else if children.len() >= min_workers {
                         eprintln!(
                             "launch: worker {name} exited with {status}; going on with {} worker(s) (--min-workers {min_workers})",
@@ -327,7 +406,7 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
         bail!(f);
     }
     rt.block_on(async {
-        match tokio::time::timeout(Duration::from_secs(10), server).await {
+        match tokio::time::timeout(Duration::from_secs(10 + o.linger_s), server).await {
             Ok(Ok(result)) => result,
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Ok(()),

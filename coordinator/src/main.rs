@@ -45,6 +45,21 @@ enum Command {
         /// The axial-worker binary (default: the one beside this binary).
         #[arg(long)]
         worker_bin: Option<PathBuf>,
+        /// Serve the dashboard, /api/status and /metrics here (port 0 picks a free one; the
+        /// URL is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http: std::net::SocketAddr,
+        /// Worker i serves /metrics on 127.0.0.1:(PORT + i), instead of the job's
+        /// [metrics] listen.
+        #[arg(long, value_name = "PORT")]
+        metrics_port: Option<u16>,
+        /// Write a Prometheus file-discovery target list (file_sd_configs) of the
+        /// coordinator and the workers here (needs --metrics-port).
+        #[arg(long, value_name = "FILE")]
+        prometheus_targets: Option<PathBuf>,
+        /// Seconds to keep /metrics up after the job finished (see `serve --linger`).
+        #[arg(long, default_value_t = 0)]
+        linger: u64,
     },
     /// Serve a job for workers started elsewhere (`axial-worker join --coordinator URL`).
     Serve {
@@ -137,6 +152,10 @@ fn main() {
             progress_timeout,
             resume,
             worker_bin,
+            http,
+            metrics_port,
+            prometheus_targets,
+            linger,
         } => launch(
             &job,
             &LaunchOptions {
@@ -146,6 +165,10 @@ fn main() {
                 worker_bin: worker_bin.unwrap_or_else(default_worker_bin),
                 resume,
                 progress_timeout_s: progress_timeout,
+                http,
+                metrics_port,
+                prometheus_targets,
+                linger_s: linger,
             },
         ),
         Command::Serve {

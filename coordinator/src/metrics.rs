@@ -26,6 +26,9 @@ pub struct CoordinatorMetrics {
     checkpoint_age: Gauge,
     checkpoint_duration: Gauge,
     job_finished: Gauge,
+    step_skew: Gauge,
+    slowest_rank: Gauge,
+    slowest_step: Gauge,
     restarts: Counter,
     changes: Counter,
     commit_failures: Counter,
@@ -108,6 +111,21 @@ impl CoordinatorMetrics {
                 Unit::Count,
                 "1 once the job has finished (the coordinator exits after --linger seconds).",
             ),
+            step_skew: gauge(
+                "axial_coordinator_step_skew_ratio",
+                Unit::Count,
+                "The slowest rank's step time over the median rank's (1: no straggler).",
+            ),
+            slowest_rank: gauge(
+                "axial_coordinator_slowest_rank",
+                Unit::Count,
+                "Rank with the longest step time (the straggler; -1 while none reports).",
+            ),
+            slowest_step: gauge(
+                "axial_coordinator_slowest_step_seconds",
+                Unit::Seconds,
+                "Step time of the slowest rank (the sum of its step phases).",
+            ),
             restarts: counter(
                 "axial_coordinator_restarts_total",
                 "Times the coordinator was started again on this job's saved state.",
@@ -128,8 +146,14 @@ impl CoordinatorMetrics {
     /// The exposition text for `status`.
     pub fn render(&self, status: &Status) -> String {
         for (gauge, state) in self.workers.iter().zip(STATES) {
-            gauge.set(status.workers.iter().filter(|w| w.state == state).count() as f64);
+            gauge.set(status.workers_by_state.get(state).copied().unwrap_or(0) as f64);
         }
+        self.step_skew.set(status.step_skew.unwrap_or(1.0));
+        let slowest = status.ranks.first();
+        self.slowest_rank
+            .set(slowest.map_or(-1.0, |r| r.rank as f64));
+        self.slowest_step
+            .set(slowest.map_or(0.0, |r| r.step_seconds));
         self.generation.set(status.generation as f64);
         self.world_size.set(status.world as f64);
         self.global_step.set(status.global_step as f64);

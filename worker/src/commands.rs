@@ -32,7 +32,8 @@ pub struct TrainArgs {
 
 pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let job = JobConfig::load(&args.job)?;
-    let metrics = WorkerMetrics::new();
+    let metrics = WorkerMetrics::new("local");
+    metrics.world_size.set(1.0);
     if let Some(addr) = job.metrics_addr() {
         // A port taken is a warning: training does not need /metrics.
         match serve(addr, metrics.handle()) {

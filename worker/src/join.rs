@@ -562,7 +562,7 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         terminate,
         drain_at: None,
     };
-    let metrics = WorkerMetrics::new();
+    let metrics = WorkerMetrics::new(&worker_id);
     let mut serving_metrics = false;
     let mut abandoned = None;
     let mut regroups = 0u64;
@@ -727,6 +727,9 @@ fn run_generation(
         }
         *serving_metrics = true;
     }
+    metrics.rank.set(rank as f64);
+    metrics.world_size.set(world as f64);
+    metrics.generation.set(reply.generation as f64);
     let resume_from = reply
         .resume
         .as_ref()

@@ -38,6 +38,14 @@ pub struct WorkerMetrics {
     pub eval_top5: Gauge,
     pub eval_loss: Gauge,
     pub checkpoint_seconds: Histogram,
+    /// This worker's place in the current group (re-set at each generation).
+    pub rank: Gauge,
+    pub world_size: Gauge,
+    pub generation: Gauge,
+    /// CUDA caching allocator: bytes allocated, reserved, and the peak allocated (0 on CPU).
+    gpu_allocated: Gauge,
+    gpu_reserved: Gauge,
+    gpu_peak: Gauge,
     phases: [Histogram; 5],
     /// Seconds spent in each phase since the last [`WorkerMetrics::take_phase_sums`] (f64
     /// bits), for the heartbeat's per-phase breakdown.
@@ -53,14 +61,18 @@ impl std::fmt::Debug for WorkerMetrics {
 const META: Metadata<'static> = Metadata::new("axial_worker", metrics::Level::INFO, None);
 
 impl WorkerMetrics {
-    pub fn new() -> Self {
+    /// Metrics of the worker `worker_id`: every series carries `worker="<id>"`, and the
+    /// rank, world size and generation are gauges (a rank changes as groups re-form; a label
+    /// would split one worker's series at each re-formation).
+    pub fn new(worker_id: &str) -> Self {
         let buckets = [
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             30.0,
         ];
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
-            .unwrap_or_else(|_| PrometheusBuilder::new());
+            .unwrap_or_else(|_| PrometheusBuilder::new())
+            .add_global_label("worker", worker_id);
         let r = Arc::new(builder.build_recorder());
         let counter = |name: &'static str, unit, help: &'static str| {
             r.describe_counter(name.into(), Some(unit), help.into());
@@ -149,6 +161,36 @@ impl WorkerMetrics {
             ),
             checkpoint_seconds: r
                 .register_histogram(&Key::from_name("axial_worker_checkpoint_seconds"), &META),
+            rank: gauge(
+                "axial_worker_rank",
+                Unit::Count,
+                "This worker's rank in the current group (-1 while it has none).",
+            ),
+            world_size: gauge(
+                "axial_worker_world_size",
+                Unit::Count,
+                "Ranks in this worker's current group.",
+            ),
+            generation: gauge(
+                "axial_worker_generation",
+                Unit::Count,
+                "Generation (group formation) this worker trains in.",
+            ),
+            gpu_allocated: gauge(
+                "axial_worker_gpu_memory_allocated_bytes",
+                Unit::Bytes,
+                "CUDA memory held by tensors (torch.cuda.memory_allocated).",
+            ),
+            gpu_reserved: gauge(
+                "axial_worker_gpu_memory_reserved_bytes",
+                Unit::Bytes,
+                "CUDA memory held by the caching allocator (torch.cuda.memory_reserved).",
+            ),
+            gpu_peak: gauge(
+                "axial_worker_gpu_memory_peak_allocated_bytes",
+                Unit::Bytes,
+                "Peak CUDA memory held by tensors since the worker started.",
+            ),
             phases: [
                 phase("data_wait"),
                 phase("forward"),
@@ -158,6 +200,22 @@ impl WorkerMetrics {
             ],
             recorder: r,
             phase_sums: Default::default(),
+        }
+    }
+
+    /// Samples the CUDA allocator's memory of `device` into the gauges (nothing on the CPU).
+    pub fn sample_device_memory(&self, device: tch::Device) {
+        let tch::Device::Cuda(index) = device else {
+            return;
+        };
+        match cuda_memory(index) {
+            Ok(m) => {
+                self.gpu_allocated.set(m.allocated as f64);
+                self.gpu_reserved.set(m.reserved as f64);
+                self.gpu_peak.set(m.peak_allocated as f64);
+            }
+            // Not worth failing a step over; the gauges keep their last values.
+            Err(e) => eprintln!("WARNING: CUDA memory of cuda:{index}: {e}"),
         }
     }
 
@@ -202,7 +260,61 @@ impl WorkerMetrics {
 
 impl Default for WorkerMetrics {
     fn default() -> Self {
-        Self::new()
+        Self::new("local")
+    }
+}
+
+/// Bytes the CUDA caching allocator holds on one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaMemory {
+    pub allocated: i64,
+    pub reserved: i64,
+    pub peak_allocated: i64,
+}
+
+#[allow(unsafe_code)]
+mod ffi {
+    use std::ffi::{c_char, c_int};
+    unsafe extern "C" {
+        pub fn axial_cuda_memory(
+            device: c_int,
+            allocated: *mut i64,
+            reserved: *mut i64,
+            peak_allocated: *mut i64,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+    }
+}
+
+/// The CUDA caching allocator's memory on `cuda:<device>` (an error without CUDA).
+#[allow(unsafe_code)]
+pub fn cuda_memory(device: usize) -> Result<CudaMemory, String> {
+    let mut m = CudaMemory {
+        allocated: 0,
+        reserved: 0,
+        peak_allocated: 0,
+    };
+    let mut err = [0 as std::ffi::c_char; 512];
+    let device = std::ffi::c_int::try_from(device).map_err(|_| "device index too large")?;
+    // SAFETY: the shim writes the three integers and at most err.len() bytes, NUL-terminated,
+    // and keeps no pointer.
+    let rc = unsafe {
+        ffi::axial_cuda_memory(
+            device,
+            &mut m.allocated,
+            &mut m.reserved,
+            &mut m.peak_allocated,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc == 0 {
+        Ok(m)
+    } else {
+        // SAFETY: NUL-terminated by the shim within the buffer.
+        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+        Err(msg.to_string_lossy().into_owned())
     }
 }
 
@@ -275,33 +387,53 @@ mod tests {
 
     #[test]
     fn metrics_render_with_help_and_phases() {
-        let m = WorkerMetrics::new();
+        let m = WorkerMetrics::new("w7");
         m.steps.increment(3);
+        m.rank.set(1.0);
         m.samples.increment(96);
         m.skipped_samples.increment(1);
         m.loss.set(1.5);
         m.record(Phase::Forward, 0.02);
         m.record(Phase::DataWait, 0.001);
         m.eval_top1.set(0.9);
+        // On the CPU there is no CUDA memory to sample: the gauges stay 0.
+        m.sample_device_memory(tch::Device::Cpu);
         let text = m.render();
         for needle in [
             "# HELP axial_worker_steps_total",
-            "axial_worker_steps_total 3",
-            "axial_worker_samples_total 96",
-            "axial_worker_skipped_samples_total 1",
-            "axial_worker_loss 1.5",
-            "axial_worker_eval_top1 0.9",
-            "axial_worker_step_phase_seconds_bucket{phase=\"forward\",le=\"0.025\"} 1",
-            "axial_worker_step_phase_seconds_count{phase=\"data_wait\"} 1",
+            "axial_worker_steps_total{worker=\"w7\"} 3",
+            "axial_worker_samples_total{worker=\"w7\"} 96",
+            "axial_worker_skipped_samples_total{worker=\"w7\"} 1",
+            "axial_worker_loss{worker=\"w7\"} 1.5",
+            "axial_worker_rank{worker=\"w7\"} 1",
+            "axial_worker_eval_top1{worker=\"w7\"} 0.9",
+            "axial_worker_gpu_memory_allocated_bytes{worker=\"w7\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+        let series = |name: &str, labels: &[&str], value: &str| {
+            text.lines().any(|l| {
+                l.starts_with(name)
+                    && labels.iter().all(|x| l.contains(x))
+                    && l.ends_with(&format!(" {value}"))
+            })
+        };
+        let forward = ["phase=\"forward\"", "worker=\"w7\"", "le=\"0.025\""];
+        assert!(
+            series("axial_worker_step_phase_seconds_bucket{", &forward, "1"),
+            "{text}"
+        );
+        let data = ["phase=\"data_wait\"", "worker=\"w7\""];
+        assert!(
+            series("axial_worker_step_phase_seconds_count{", &data, "1"),
+            "{text}"
+        );
     }
 
     #[test]
     fn serves_metrics_over_http() {
         use std::io::Write;
-        let m = WorkerMetrics::new();
+        let m = WorkerMetrics::new("w0");
         m.steps.increment(7);
         let addr = serve("127.0.0.1:0".parse().expect("addr"), m.handle()).expect("bind");
         let get = |path: &str| {
@@ -313,7 +445,8 @@ mod tests {
         };
         let ok = get("/metrics");
         assert!(
-            ok.starts_with("HTTP/1.1 200") && ok.contains("axial_worker_steps_total 7"),
+            ok.starts_with("HTTP/1.1 200")
+                && ok.contains("axial_worker_steps_total{worker=\"w0\"} 7"),
             "{ok}"
         );
         assert!(get("/other").starts_with("HTTP/1.1 404"));

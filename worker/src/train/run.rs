@@ -456,6 +456,7 @@ pub fn run(
                 window = (Instant::now(), pos.samples_seen);
                 metrics.loss.set(loss);
                 metrics.images_per_second.set(ips);
+                metrics.sample_device_memory(device);
                 let since = pos.step.saturating_sub(last_report.step).max(1) as f64;
                 last_report = Report {
                     step: pos.step,

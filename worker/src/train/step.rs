@@ -173,14 +173,10 @@ impl<'a> Step<'a> {
         } else {
             smoothed_cross_entropy(&logits, &labels, self.label_smoothing)
         };
-        if let Some(m) = metrics {
-            m.record(Phase::Forward, t.elapsed().as_secs_f64());
-        }
+        self.phase_done(metrics, Phase::Forward, t);
         let t = Instant::now();
         (&loss * (scale.scale * n as f64 / step_samples)).f_backward()?;
-        if let Some(m) = metrics {
-            m.record(Phase::Backward, t.elapsed().as_secs_f64());
-        }
+        self.phase_done(metrics, Phase::Backward, t);
         Ok((n > 0).then(|| loss.detach()))
     }
 
@@ -208,8 +204,8 @@ impl<'a> Step<'a> {
             }
             Reduce::AfterBackward(g) => allreduce_gradients(g, &grads, BUCKET_BYTES)?,
         }
-        if let (Some(m), Some(_)) = (metrics, self.reduce.group()) {
-            m.record(Phase::AllReduceWait, wait.elapsed().as_secs_f64());
+        if self.reduce.group().is_some() {
+            self.phase_done(metrics, Phase::AllReduceWait, wait);
         }
         let t = Instant::now();
         if let Some(e) = self.sync.and_then(SyncContext::take_error) {
@@ -226,10 +222,19 @@ impl<'a> Step<'a> {
         if let Some(g) = self.reduce.group() {
             average_buffers(g, self.buffers)?;
         }
-        if let Some(m) = metrics {
-            m.record(Phase::Optimizer, t.elapsed().as_secs_f64());
-        }
+        self.phase_done(metrics, Phase::Optimizer, t);
         Ok(stepped)
+    }
+
+    /// Records the phase begun at `t` (when metrics are kept). On CUDA the device is
+    /// synchronized first, so that the time is the phase's work, not its kernel launches.
+    fn phase_done(&self, metrics: Option<&WorkerMetrics>, phase: Phase, t: Instant) {
+        if let Some(m) = metrics {
+            if let Device::Cuda(i) = self.device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            m.record(phase, t.elapsed().as_secs_f64());
+        }
     }
 }
 
