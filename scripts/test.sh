@@ -27,5 +27,12 @@ step "cargo build (every binary: the end-to-end tests run them)"
 cargo build --workspace --bins --locked
 step "deploy/ checks (job files, Kubernetes schemas, shellcheck, promtool)"
 scripts/check-deploy.sh
+step "headless Chromium for the dashboard test (Debian's chromium)"
+if ! command -v chromium > /dev/null; then
+  apt-get install -y -q chromium > /dev/null 2>&1 \
+    || { apt-get update -q > /dev/null 2>&1 && apt-get install -y -q chromium > /dev/null 2>&1; } \
+    || echo "WARNING: could not install chromium; tests/tests/dashboard.rs will skip" >&2
+fi
+command -v chromium > /dev/null && chromium --version 2> /dev/null
 step "cargo test"
 cargo test --workspace --locked

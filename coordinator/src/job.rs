@@ -407,7 +407,7 @@ impl JobState {
 
     fn drain_membership_events(&mut self) {
         for e in self.membership.drain_events() {
-            self.log.push(format!("{e:?}"));
+            self.log.push(e.to_string());
         }
     }
 
@@ -715,6 +715,7 @@ impl JobState {
             history: self.history.iter().copied().collect(),
             evals: self.evals.iter().map(|(e, t)| (*e, *t)).collect(),
             checkpoints: self.checkpoints.iter().rev().cloned().collect(),
+            checkpoint_keep: self.job.checkpoint.keep,
             timeline: self
                 .log
                 .iter()
@@ -1075,6 +1076,8 @@ pub struct Status {
     pub history: Vec<Point>,
     pub evals: Vec<(u64, f64)>,
     pub checkpoints: Vec<CheckpointInfo>,
+    /// `[checkpoint] keep`: the newest this many commits are on disk, older ones pruned.
+    pub checkpoint_keep: usize,
     pub timeline: Vec<TimedEvent>,
     /// Times the coordinator was restarted on this job's saved state.
     pub restarts: u64,

@@ -104,6 +104,29 @@ pub enum Event {
     },
 }
 
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Formed { generation, world } => {
+                write!(f, "Formed: generation {generation}, world: {world}")
+            }
+            Event::Lost { worker, generation } => {
+                write!(f, "Lost: {worker} (generation {generation})")
+            }
+            Event::Restarted { worker, generation } => {
+                write!(f, "Restarted: {worker} (generation {generation})")
+            }
+            Event::Standby { worker } => write!(f, "Standby: {worker}"),
+            Event::Left { worker } => write!(f, "Left: {worker}"),
+            Event::Failed {
+                worker,
+                generation,
+                reason,
+            } => write!(f, "Failed: {worker} in generation {generation}: {reason}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Membership {
     config: MembershipConfig,
