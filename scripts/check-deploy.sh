@@ -3,6 +3,7 @@
 #   - `axial-coordinator validate` on every shipped job file;
 #   - the Kubernetes manifests against the API's schemas (kubernetes-validate --strict, from the
 #     Python package registry, in a venv beside the torch one);
+#   - the pod templates against the "restricted" Pod Security Standard (check-pod-security.py);
 #   - shellcheck on every script;
 #   - promtool: the alert rules and their unit tests (deploy/prometheus/alerts_test.yml).
 # Missing tools are installed first (Debian's shellcheck and prometheus; root needed).
@@ -46,6 +47,11 @@ for f in deploy/k8s/*.yaml; do
   [[ "$(basename "$f")" == kustomization.yaml ]] || manifests+=("$f")
 done
 "$KV/bin/kubernetes-validate" --strict --quiet "${manifests[@]}"
+echo "ok   ${manifests[*]}"
+
+step "Pod Security Standard \"restricted\" and our rules (scripts/check-pod-security.py)"
+"$KV/bin/python" scripts/check-pod-security.py "${manifests[@]}" \
+  || fail "pod templates break the rules above"
 echo "ok   ${manifests[*]}"
 
 step "shellcheck"

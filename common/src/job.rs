@@ -743,7 +743,7 @@ impl JobConfig {
             return Err(ConfigError::invalid(
                 "metrics.listen",
                 format!("{:?}", self.metrics.listen),
-                "host:port such as \"127.0.0.1:9100\" (port 0 picks one), or \"\" for off",
+                "host:port such as \"127.0.0.1:9401\" (port 0 picks one), or \"\" for off",
             ));
         }
         Ok(())

@@ -77,7 +77,7 @@ enum Command {
         #[arg(long)]
         resume: bool,
         /// Serve /, /metrics and /api/status here (over HTTPS with --tls-cert/--tls-key).
-        #[arg(long, default_value = "0.0.0.0:9090")]
+        #[arg(long, default_value = "0.0.0.0:9400")]
         http: std::net::SocketAddr,
         #[command(flatten)]
         tls: ServerTls,

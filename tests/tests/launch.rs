@@ -691,3 +691,45 @@ fn a_crashed_worker_is_restarted_and_rejoins() {
     wait_ok(&mut child, "the launch");
     assert_finished_exactly_once(dir, 2);
 }
+
+/// `join --local-ranks 2`: one process on a machine runs two ranks (one per device; here both
+/// on the CPU), each with its own worker id and metrics port; a served job of two workers forms
+/// from that one command, trains to the end with identical replicas, and both processes exit 0.
+#[test]
+fn one_join_with_local_ranks_runs_a_rank_per_device() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::write(dir.join("job.toml"), long_job()).expect("write");
+    std::fs::write(dir.join("token"), "a-test-token-of-enough-length").expect("write");
+    let port = free_port();
+    let (mut coordinator, lines) = serve(dir, port, false);
+    until(&lines, "listening on");
+    let mut node = Command::new(bin("axial-worker"))
+        .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .args([
+            "--worker-id",
+            "node",
+            "--local-ranks",
+            "2",
+            "--device",
+            "cpu",
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .spawn()
+        .expect("join");
+    let seen = until(&lines, "Formed");
+    assert!(
+        seen.last().is_some_and(|l| l.contains("world: 2")),
+        "{seen:#?}"
+    );
+    wait_ok(&mut node, "join --local-ranks 2");
+    wait_ok(&mut coordinator, "the coordinator");
+    let m = final_manifest(dir);
+    assert_eq!(m["world"].as_u64(), Some(2));
+    assert_eq!(m["position"]["samples_seen"].as_u64(), Some(800));
+    let a = std::fs::read_to_string(dir.join("ckpt/replica-0.sha256")).expect("rank 0");
+    let b = std::fs::read_to_string(dir.join("ckpt/replica-1.sha256")).expect("rank 1");
+    assert_eq!(a, b, "replicas differ");
+}

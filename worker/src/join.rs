@@ -94,6 +94,11 @@ pub struct JoinArgs {
     /// ranks on one machine need one port each; "" turns it off).
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Run this many ranks on this machine, one process per GPU (cuda:0 .. cuda:N-1): each
+    /// gets `--worker-id <id>-<i>`, its own device and `--metrics-listen` port + i; SIGTERM
+    /// is passed on to all of them (see `local_ranks`).
+    #[arg(long, default_value_t = 1)]
+    pub local_ranks: usize,
 }
 
 #[derive(Clone)]
@@ -489,6 +494,11 @@ fn default_env(key: &str, value: &str) {
 }
 
 pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
+    match args.local_ranks {
+        0 => bail!("--local-ranks must be at least 1"),
+        1 => {}
+        n => return crate::local_ranks::run(args, n),
+    }
     // SIGTERM (a preempted pod, a time limit): the group checkpoints, this worker leaves.
     let terminate = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, terminate.clone())
@@ -514,7 +524,7 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         && !m.is_empty()
         && m.parse::<std::net::SocketAddr>().is_err()
     {
-        bail!("--metrics-listen {m:?} is not an address like 0.0.0.0:9100 (\"\" turns it off)");
+        bail!("--metrics-listen {m:?} is not an address like 0.0.0.0:9401 (\"\" turns it off)");
     }
     let worker_id = args.worker_id.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();

@@ -11,7 +11,8 @@
 //! - [`metrics`]: the worker's Prometheus metrics and `/metrics` endpoint.
 //! - [`demo`]: `axial-worker demo`, a few training steps on a random batch (no data needed).
 //! - [`join`]: `axial-worker join`, one rank of a distributed job; [`rendezvous`]: the
-//!   coordinator's rendezvous store under c10d; [`address`]: the address a rank advertises.
+//!   coordinator's rendezvous store under c10d; [`address`]: the address a rank advertises;
+//!   [`local_ranks`]: `join --local-ranks N`, one rank per GPU of a machine.
 //! - [`error::Error`]: the crate's one error type.
 
 pub mod address;
@@ -22,6 +23,7 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod join;
+pub mod local_ranks;
 pub mod metrics;
 pub mod model;
 pub mod rendezvous;
