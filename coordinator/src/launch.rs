@@ -231,6 +231,8 @@ pub struct LaunchOptions {
     pub prometheus_targets: Option<PathBuf>,
     /// Seconds `/metrics` stays up after the job finished.
     pub linger_s: u64,
+    /// The workers' collective backend (`join --backend`: auto, gloo, nccl).
+    pub backend: String,
 }
 
 /// The Prometheus `file_sd_configs` list of a local launch: the coordinator's `/metrics` and
@@ -346,6 +348,7 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
         if let Some(m) = worker_metrics.get(index) {
             command.arg("--metrics-listen").arg(m.to_string());
         }
+        command.args(["--backend", &o.backend]);
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

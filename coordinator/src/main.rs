@@ -60,6 +60,10 @@ enum Command {
         /// Seconds to keep /metrics up after the job finished (see `serve --linger`).
         #[arg(long, default_value_t = 0)]
         linger: u64,
+        /// The workers' collective backend: auto (NCCL on CUDA, Gloo on the CPU), or gloo
+        /// for several workers sharing one GPU.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "gloo", "nccl"])]
+        backend: String,
     },
     /// Serve a job for workers started elsewhere (`axial-worker join --coordinator URL`).
     Serve {
@@ -156,6 +160,7 @@ fn main() {
             metrics_port,
             prometheus_targets,
             linger,
+            backend,
         } => launch(
             &job,
             &LaunchOptions {
@@ -169,6 +174,7 @@ fn main() {
                 metrics_port,
                 prometheus_targets,
                 linger_s: linger,
+                backend,
             },
         ),
         Command::Serve {

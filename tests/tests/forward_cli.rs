@@ -112,8 +112,18 @@ fn forward_reproduces_the_reference_logits_loss_and_gradients() {
     let exact = read(&exact_out);
     let e_logits = max_abs_diff(&train["logits"], &f.fixture["logits_train"]);
     let e_loss = max_abs_diff(&train["loss"], &f.fixture["loss_train"]);
-    println!("train logits: max abs error {e_logits:.3e}; loss: {e_loss:.3e}");
-    assert!(e_logits <= 1e-4 && e_loss <= 1e-4);
+    // The fixture's tolerance: 1e-4 absolute plus 1e-4 relative to the largest value (the
+    // bound scripts/pytorch/check_fixtures.py applies; train-mode logits pass some 30 batch
+    // norms, and 1.09e-4 against 2.4e-4 was seen).
+    let bound = |r: &Tensor| 1e-4 + 1e-4 * r.abs().max().double_value(&[]);
+    let (b_logits, b_loss) = (
+        bound(&f.fixture["logits_train"]),
+        bound(&f.fixture["loss_train"]),
+    );
+    println!(
+        "train logits: max abs error {e_logits:.3e} (bound {b_logits:.2e}); loss: {e_loss:.3e} (bound {b_loss:.2e})"
+    );
+    assert!(e_logits <= b_logits && e_loss <= b_loss);
     assert_eq!(train["loss"].size(), [1]);
     // Gradients within 1e-3 of each tensor's largest value, running statistics within 1e-5
     // (the fixture's tolerances), or, where the float32 rounding of this train-mode pass

@@ -5,15 +5,21 @@
 //! decay). 5 warm-up steps, then the median of 30.
 //!
 //! `cargo bench -p axial-worker --bench train_step [-- --sizes 32,64 --iters 30 --arch axial26s
-//!  --batch 16 --threads 2 --device cpu]`
+//!  --batch 16 --threads 2 --device cpu --amp none|bf16|fp16]`
+//!
+//! Columns: the median step and eval-forward times, and the process's peak RSS (VmHWM) after
+//! the size's runs (run one size per process to compare it with another program's); on CUDA
+//! also the allocator's peak.
 
 use std::time::Instant;
 
 use axial_common::ModelSpec;
+use axial_common::job::Precision;
 use axial_common::model::ImageSize;
 use axial_worker::forward::parse_device;
 use axial_worker::model::Model;
-use axial_worker::train::{recipe_sgd, train_step};
+use axial_worker::train::recipe_sgd;
+use axial_worker::train::step::{LossScale, Step};
 use tch::{Device, Kind, Tensor};
 
 struct Args {
@@ -24,6 +30,7 @@ struct Args {
     warmup: usize,
     threads: i32,
     device: Device,
+    amp: Precision,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -35,6 +42,7 @@ fn parse_args() -> Result<Args, String> {
         warmup: 5,
         threads: 2,
         device: Device::Cpu,
+        amp: Precision::Fp32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +64,14 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => a.warmup = value.parse().map_err(|e| bad(&e))?,
             "--threads" => a.threads = value.parse().map_err(|e| bad(&e))?,
             "--device" => a.device = parse_device(&value)?,
+            "--amp" => {
+                a.amp = match value.as_str() {
+                    "none" | "fp32" => Precision::Fp32,
+                    "bf16" => Precision::Bf16,
+                    "fp16" => Precision::Fp16,
+                    _ => return Err(format!("--amp {value}: none, bf16 or fp16")),
+                }
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -68,6 +84,39 @@ fn parse_args() -> Result<Args, String> {
 fn median_ms(mut times: Vec<f64>) -> f64 {
     times.sort_by(f64::total_cmp);
     times[times.len() / 2] * 1e3
+}
+
+/// The training loop's own step ([`Step`]) on one process: forward, loss, backward, update.
+fn step(
+    model: &Model,
+    opt: &mut axial_worker::train::optim::Optimizer,
+    x: &Tensor,
+    y: &Tensor,
+    amp: Precision,
+) -> axial_worker::Result<Option<Tensor>> {
+    let mut step = Step::local(&model.net, x.device());
+    step.autocast = amp != Precision::Fp32;
+    let n = x.size()[0] as usize;
+    // fp16 with its loss scale, as training runs it (a fresh scale per step: the bench times
+    // the work, and an overflow would only skip the update).
+    let mut scale = LossScale::new(amp == Precision::Fp16);
+    let loss = step.micro_batch(x, y, n, n as f64, &scale, true, None)?;
+    step.update(opt, &mut scale, 0.0, 0.1, None)?;
+    Ok(loss)
+}
+
+/// The process's peak resident set (VmHWM), MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn sync(device: Device) {
@@ -85,12 +134,24 @@ fn main() {
         }
     };
     tch::set_num_threads(args.threads);
+    if args.amp != Precision::Fp32 {
+        if !args.device.is_cuda() {
+            eprintln!("train_step bench: --amp needs a CUDA device");
+            std::process::exit(2);
+        }
+        if let Err(e) = axial_worker::train::precision::set_autocast_dtype(args.amp) {
+            eprintln!("train_step bench: {e}");
+            std::process::exit(1);
+        }
+    }
     println!(
-        "{} | batch {} | {} threads | {:?} | median of {} after {} warm-up",
-        args.arch, args.batch, args.threads, args.device, args.iters, args.warmup
+        "{} | batch {} | {} threads | {:?} | {:?} | median of {} after {} warm-up",
+        args.arch, args.batch, args.threads, args.device, args.amp, args.iters, args.warmup
     );
-    println!("| input | params | train step ms | train images/s | eval forward images/s |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| input | params | train step ms | train images/s | eval forward images/s | peak RSS MB | peak GPU MB |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for &size in &args.sizes {
         let spec = ModelSpec {
             arch: Some(args.arch.clone()),
@@ -115,7 +176,7 @@ fn main() {
         let mut train = Vec::with_capacity(args.iters);
         for i in 0..args.warmup + args.iters {
             let t = Instant::now();
-            let loss = match train_step(&model.net, &mut opt, &x, &y, 0.1) {
+            let loss = match step(&model, &mut opt, &x, &y, args.amp) {
                 Ok(loss) => loss,
                 Err(e) => {
                     eprintln!("train_step bench: {e}");
@@ -132,7 +193,9 @@ fn main() {
         tch::no_grad(|| {
             for i in 0..args.warmup + args.iters {
                 let t = Instant::now();
-                let _ = model.net.forward_t(&x, false);
+                let _ = tch::autocast(args.amp != Precision::Fp32, || {
+                    model.net.forward_t(&x, false)
+                });
                 sync(args.device);
                 if i >= args.warmup {
                     eval.push(t.elapsed().as_secs_f64());
@@ -141,11 +204,18 @@ fn main() {
         });
         let (train_ms, eval_ms) = (median_ms(train), median_ms(eval));
         let per_s = |ms: f64| args.batch as f64 / (ms / 1e3);
+        let gpu = match args.device {
+            Device::Cuda(i) => axial_worker::metrics::cuda_memory(i)
+                .map(|m| format!("{:.0}", m.peak_allocated as f64 / 1048576.0))
+                .unwrap_or_else(|e| e),
+            _ => "-".into(),
+        };
         println!(
-            "| {size}x{size} | {} | {train_ms:.1} | {:.1} | {:.1} |",
+            "| {size}x{size} | {} | {train_ms:.1} | {:.1} | {:.1} | {:.0} | {gpu} |",
             model.parameter_count(),
             per_s(train_ms),
-            per_s(eval_ms)
+            per_s(eval_ms),
+            peak_rss_mb()
         );
     }
 }

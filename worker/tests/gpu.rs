@@ -1,0 +1,106 @@
+//! GPU: mixed precision that really computes in the low dtype, and fp16's loss scale at work.
+//! Compiled always; each test skips, saying why, without a CUDA device (scripts/gpu-check.sh
+//! runs them where one is).
+
+use axial_common::ModelSpec;
+use axial_common::job::Precision;
+use axial_worker::model::Model;
+use axial_worker::train::optim::Optimizer;
+use axial_worker::train::precision::set_autocast_dtype;
+use axial_worker::train::step::{LossScale, Step};
+use tch::{Device, Kind, Tensor};
+
+fn tiny_model_on(device: Device) -> Model {
+    let cfg = ModelSpec::from_toml_document(
+        "[model]\nvariant = \"official\"\nlayers = [1, 1, 1, 1]\nwidth = 0.125\nnum_classes = 10\nimage_size = 32\n",
+        "test",
+    )
+    .and_then(|s| s.resolve())
+    .expect("config");
+    Model::new(&cfg, device, 1)
+}
+
+/// bf16 and fp16 autocast: the logits come out in that dtype (the convolutions and matmuls ran
+/// in it), while the weights stay float32; without autocast, float32.
+#[test]
+fn gpu_autocast_computes_in_the_low_precision_dtype() {
+    if !tch::Cuda::is_available() {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let dev = Device::Cuda(0);
+    let model = tiny_model_on(dev);
+    let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, dev));
+    for (precision, kind) in [
+        (Precision::Bf16, Kind::BFloat16),
+        (Precision::Fp16, Kind::Half),
+    ] {
+        set_autocast_dtype(precision).expect("autocast dtype");
+        let logits = tch::autocast(true, || model.net.forward_t(&x, true));
+        println!("{precision:?}: logits {:?}", logits.kind());
+        assert_eq!(logits.kind(), kind, "{precision:?}");
+    }
+    let plain = model.net.forward_t(&x, true);
+    assert_eq!(plain.kind(), Kind::Float);
+    assert!(
+        model
+            .vs
+            .variables()
+            .values()
+            .all(|t| t.kind() == Kind::Float)
+    );
+}
+
+/// fp16 with the training step's loss scale: a scale so large that the half-precision
+/// backward overflows makes the step skip its update and halve the scale; at the usual
+/// 2^16 the steps go through and the weights stay finite.
+#[test]
+fn gpu_fp16_loss_scale_moves_on_overflow() {
+    if !tch::Cuda::is_available() {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    set_autocast_dtype(Precision::Fp16).expect("fp16");
+    let dev = Device::Cuda(0);
+    let model = tiny_model_on(dev);
+    let mut opt = Optimizer::new(&Default::default(), model.named_parameters());
+    let mut step = Step::local(&model.net, dev);
+    step.autocast = true;
+    let x = Tensor::randn([8, 3, 32, 32], (Kind::Float, dev));
+    let y = Tensor::randint(10, [8], (Kind::Int64, dev));
+    let mut scale = LossScale::new(true);
+    scale.scale = 2f64.powi(100);
+    step.micro_batch(&x, &y, 8, 8.0, &scale, true, None)
+        .expect("micro-batch");
+    let stepped = step
+        .update(&mut opt, &mut scale, 0.0, 0.1, None)
+        .expect("update");
+    println!(
+        "scale 2^100: stepped {stepped}, scale now 2^{}",
+        scale.scale.log2()
+    );
+    assert!(!stepped, "an overflowing fp16 step must be skipped");
+    assert_eq!(scale.scale, 2f64.powi(99), "the scale halves on overflow");
+    let mut scale = LossScale::new(true);
+    let mut stepped = 0;
+    for _ in 0..4 {
+        step.micro_batch(&x, &y, 8, 8.0, &scale, true, None)
+            .expect("micro-batch");
+        stepped += usize::from(
+            step.update(&mut opt, &mut scale, 0.0, 0.1, None)
+                .expect("update"),
+        );
+    }
+    println!(
+        "scale 2^16: {stepped} of 4 steps taken, scale now {}",
+        scale.scale
+    );
+    assert!(stepped >= 1, "no fp16 step went through at 2^16");
+    assert!(
+        model
+            .vs
+            .variables()
+            .values()
+            .all(|t| t.isfinite().all().int64_value(&[]) == 1)
+    );
+}
