@@ -23,3 +23,4 @@ pub mod membership;
 pub mod metrics;
 pub mod rendezvous;
 pub mod service;
+pub mod simulate;

@@ -138,6 +138,31 @@ enum Command {
         #[command(flatten)]
         tls: ClientTls,
     },
+    /// Load-test a coordinator with simulated workers (real gRPC clients with the job token:
+    /// joins, heartbeats, votes, failures and re-joins) and print latencies, CPU and memory.
+    Simulate {
+        /// Worker counts to run, one after the other (e.g. 100,1000,10000).
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        workers: Vec<usize>,
+        /// Seconds of training once the group has formed.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Milliseconds per simulated step (a training heartbeat each).
+        #[arg(long, default_value_t = 1000)]
+        step_ms: u64,
+        /// A checkpoint vote every this many steps.
+        #[arg(long, default_value_t = 10)]
+        checkpoint_every: u64,
+        /// Workers that fail (and come back) during the run.
+        #[arg(long, default_value_t = 2)]
+        failures: usize,
+        /// HTTP/2 connections the simulated workers share.
+        #[arg(long, default_value_t = 64)]
+        channels: usize,
+        /// The coordinator's --heartbeat-timeout.
+        #[arg(long, default_value_t = 5)]
+        heartbeat_timeout: u64,
+    },
     /// Check a job file and print it resolved (every default filled in).
     Validate {
         /// The job file (TOML).
@@ -228,6 +253,23 @@ fn main() {
                 checkpoint_every_steps,
             },
         ),
+        Command::Simulate {
+            workers,
+            seconds,
+            step_ms,
+            checkpoint_every,
+            failures,
+            channels,
+            heartbeat_timeout,
+        } => axial_coordinator::simulate::simulate(&axial_coordinator::simulate::SimulateOptions {
+            workers,
+            seconds,
+            step_ms,
+            checkpoint_every,
+            failures,
+            channels,
+            heartbeat_timeout_s: heartbeat_timeout,
+        }),
         Command::Validate { job } => axial_common::JobConfig::load(&job)
             .map(|j| {
                 println!("# {} is valid; resolved:", job.display());
