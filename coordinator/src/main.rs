@@ -147,9 +147,12 @@ enum Command {
         /// Seconds of training once the group has formed.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
-        /// Milliseconds per simulated step (a training heartbeat each).
-        #[arg(long, default_value_t = 1000)]
+        /// Milliseconds per simulated step.
+        #[arg(long, default_value_t = 500)]
         step_ms: u64,
+        /// A training heartbeat every this many steps (as `[train] log_every`).
+        #[arg(long, default_value_t = 5)]
+        report_every: u64,
         /// A checkpoint vote every this many steps.
         #[arg(long, default_value_t = 10)]
         checkpoint_every: u64,
@@ -257,6 +260,7 @@ fn main() {
             workers,
             seconds,
             step_ms,
+            report_every,
             checkpoint_every,
             failures,
             channels,
@@ -265,6 +269,7 @@ fn main() {
             workers,
             seconds,
             step_ms,
+            report_every,
             checkpoint_every,
             failures,
             channels,

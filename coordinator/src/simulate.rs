@@ -37,6 +37,8 @@ pub struct SimulateOptions {
     pub seconds: u64,
     /// Milliseconds per simulated optimizer step.
     pub step_ms: u64,
+    /// A training heartbeat every this many steps (the job's `[train] log_every`).
+    pub report_every: u64,
     pub checkpoint_every: u64,
     /// Workers that fail during the run (one at a time, spread over it).
     pub failures: usize,
@@ -70,6 +72,8 @@ struct Record {
     commits: BTreeMap<u64, (Option<Instant>, Option<Instant>)>,
     /// Each formation: when the last worker got its rank.
     formed: Vec<(u64, Instant)>,
+    /// Each generation that ended: when its first worker heard so.
+    ended: BTreeMap<u64, Instant>,
 }
 
 struct Shared {
@@ -83,6 +87,7 @@ struct Shared {
     world: usize,
     dir: PathBuf,
     checkpoint_every: u64,
+    report_every: u64,
     step_ms: u64,
     /// The worker told to fail next (index), u64::MAX: none.
     fail_next: AtomicU64,
@@ -105,8 +110,8 @@ pub fn simulate(o: &SimulateOptions) -> anyhow::Result<()> {
     if o.workers.is_empty() || o.workers.contains(&0) {
         bail!("--workers: one or more counts, each at least 1 (e.g. 100,1000,10000)");
     }
-    if o.channels == 0 || o.step_ms == 0 || o.checkpoint_every == 0 {
-        bail!("--channels, --step-ms and --checkpoint-every must be at least 1");
+    if o.channels == 0 || o.step_ms == 0 || o.checkpoint_every == 0 || o.report_every == 0 {
+        bail!("--channels, --step-ms, --report-every and --checkpoint-every must be at least 1");
     }
     let mut rows = Vec::new();
     for &n in &o.workers {
@@ -114,7 +119,7 @@ pub fn simulate(o: &SimulateOptions) -> anyhow::Result<()> {
         rows.push(run_one(o, n).with_context(|| format!("{n} workers"))?);
     }
     println!(
-        "\n| workers | formed after the last join | re-formations | join p50/p99/max ms | heartbeat p50/p99/max ms | train heartbeat p50/p99/max ms | vote p50/p99/max ms | commit ms (mean, max) | RPC errors | coordinator CPU s | peak RSS MB | /api/status KB |"
+        "\n| workers | formed after the last join | re-formations (ended -> formed) | join p50/p99/max ms | heartbeat p50/p99/max ms | train heartbeat p50/p99/max ms | vote p50/p99/max ms | commit ms (mean, max) | RPC errors | coordinator CPU s | peak RSS MB | /api/status KB |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
@@ -229,6 +234,7 @@ fn run_one(o: &SimulateOptions, n: usize) -> anyhow::Result<String> {
         world: n,
         dir: ckpt.clone(),
         checkpoint_every: o.checkpoint_every,
+        report_every: o.report_every,
         step_ms: o.step_ms,
         fail_next: AtomicU64::new(u64::MAX),
         heartbeat_timeout: Duration::from_secs(o.heartbeat_timeout_s),
@@ -312,10 +318,16 @@ fn run_one(o: &SimulateOptions, n: usize) -> anyhow::Result<String> {
         .formed
         .first()
         .map_or(f64::NAN, |(_, t)| t.duration_since(last_join).as_secs_f64());
+    // A re-formation: from the first worker hearing that its generation ended to the next
+    // group formed.
     let reforms: Vec<f64> = r
         .formed
-        .windows(2)
-        .map(|w| w[1].1.duration_since(w[0].1).as_secs_f64())
+        .iter()
+        .skip(1)
+        .filter_map(|(g, t)| {
+            let (_, ended) = r.ended.range(..*g).next_back()?;
+            Some(t.duration_since(*ended).as_secs_f64())
+        })
         .collect();
     let commits: Vec<f64> = r
         .commits
@@ -351,7 +363,7 @@ fn run_one(o: &SimulateOptions, n: usize) -> anyhow::Result<String> {
             "-".to_owned()
         } else {
             format!(
-                "{} (every {:.1} s)",
+                "{}, mean {:.2} s",
                 reforms.len(),
                 reforms.iter().sum::<f64>() / reforms.len() as f64
             )
@@ -428,6 +440,8 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
         let started = Instant::now();
         let mut last_alive = Instant::now();
         let mut step = resume_step;
+        let mut reported = resume_step;
+        let mut voted = resume_step;
         loop {
             if s.stop.load(Ordering::Relaxed) {
                 break 'join;
@@ -446,6 +460,9 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
             let mut ended = false;
             if due > step {
                 step = due;
+            }
+            if step - step % s.report_every > reported {
+                reported = step - step % s.report_every;
                 let req = HeartbeatRequest {
                     worker_id: id.clone(),
                     generation,
@@ -464,9 +481,12 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
                 ended |= r
                     .as_ref()
                     .map_or_else(|e| e.code() == tonic::Code::NotFound, |r| r.get_ref().abort);
-                if !ended && step.is_multiple_of(s.checkpoint_every) {
-                    ended |= vote(&mut client, &s, &id, rank, generation, step).await;
-                }
+            }
+            // The checkpoint step every rank reaches (a late rank votes for the one it passed).
+            let checkpoint = step - step % s.checkpoint_every;
+            if !ended && checkpoint > voted {
+                voted = checkpoint;
+                ended |= vote(&mut client, &s, &id, rank, generation, checkpoint).await;
             }
             if !ended && last_alive.elapsed() >= Duration::from_secs(1) {
                 last_alive = Instant::now();
@@ -485,6 +505,12 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
                     .map_or_else(|e| e.code() == tonic::Code::NotFound, |r| r.get_ref().abort);
             }
             if ended {
+                s.record
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ended
+                    .entry(generation)
+                    .or_insert_with(Instant::now);
                 abandoned = Some(generation);
                 continue 'join;
             }
