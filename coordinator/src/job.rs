@@ -98,6 +98,8 @@ pub const MAX_COMMIT_FAILURES: u64 = 3;
 
 /// Hyperparameter changes a job takes (each heartbeat reply carries them all).
 pub const MAX_CHANGES: usize = 1000;
+/// Generations reserved by one write of `coordinator.json` (a re-formation takes two).
+const GENERATION_BLOCK: u64 = 16;
 
 /// Why a rendezvous store operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -137,9 +139,39 @@ pub struct VoteResult {
     pub reason: String,
 }
 
+/// What a vote came to: its reply, or a commit to write first.
+#[derive(Debug)]
+pub enum Cast {
+    Done(VoteResult),
+    Commit(Box<PendingCommit>),
+}
+
+/// A checkpoint every rank has voted for: its manifest, to be written into its folder (and
+/// the older checkpoints pruned) without the state lock held.
+#[derive(Debug)]
+pub struct PendingCommit {
+    pub folder: PathBuf,
+    pub position: Position,
+    manifest: CheckpointManifest,
+    dir: PathBuf,
+    keep: usize,
+}
+
+impl PendingCommit {
+    /// Writes the manifest (which commits the checkpoint) and prunes the checkpoints beyond
+    /// `keep`, never this one.
+    pub fn write(&self) -> Result<(), String> {
+        checkpoint::commit(&self.folder, &self.manifest)
+            .map_err(|e| format!("{}: {e}", self.folder.display()))?;
+        checkpoint::prune(&self.dir, self.keep, &self.folder).map_err(|e| e.to_string())
+    }
+}
+
 /// What `coordinator.json` holds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Saved {
+    /// Every generation this coordinator used is below this one (generations are reserved in
+    /// blocks of `GENERATION_BLOCK`); a restarted coordinator goes on above it.
     generation: u64,
     restarts: u64,
     #[serde(default)]
@@ -205,6 +237,8 @@ pub struct JobState {
     changes: Vec<HyperParameterChange>,
     /// Times this job's coordinator was started again on its saved state.
     restarts: u64,
+    /// The generation `coordinator.json` reserves up to (see `Saved::generation`).
+    generation_reserved: u64,
     pub log: Vec<String>,
 }
 
@@ -300,6 +334,7 @@ impl JobState {
             barrier_started: None,
             changes,
             restarts,
+            generation_reserved: generation + GENERATION_BLOCK,
             log,
         };
         state.save();
@@ -310,7 +345,7 @@ impl JobState {
     /// checkpoints still hold everything a resume needs.
     fn save(&self) -> Option<String> {
         let saved = Saved {
-            generation: self.membership.generation(),
+            generation: self.generation_reserved,
             restarts: self.restarts,
             changes: self.changes.clone(),
         };
@@ -340,7 +375,8 @@ impl JobState {
 
     /// An operator's hyperparameter change. It takes effect at a step every rank reaches only
     /// after it has heard of the change: ranks hear of changes in heartbeats, which they send
-    /// every `log_every` steps, so any rank is at most `log_every` steps past the highest step
+    /// every `log_every` steps (rank r at the steps where `step + r` is a multiple of it), so any
+    /// rank is at most `log_every` steps past the highest step
     /// reported, and hears of the change by `reported + 2 * log_every`. `from_step` (0: as
     /// soon as safe) may ask for a later step, never an earlier one.
     pub fn set_hyperparameters(
@@ -450,7 +486,12 @@ impl JobState {
             // The next group resumes from the last commit, below the steps reported so far:
             // progress (and the watchdog's clock) starts over with what it reports.
             self.progress.clear();
-            self.save_or_log();
+            // coordinator.json reserves generations in blocks: written (under the lock, before
+            // anyone hears of the new generation) once per block, not at every change.
+            if now_gen >= self.generation_reserved {
+                self.generation_reserved = now_gen + GENERATION_BLOCK;
+                self.save_or_log();
+            }
         }
         self.drain_membership_events();
     }
@@ -757,7 +798,9 @@ impl JobState {
         }
     }
 
-    /// A rank's vote for the checkpoint at `pos.step`; commits when every rank has voted.
+    /// A rank's vote for the checkpoint at `pos.step`; commits when every rank has voted
+    /// (here, on this thread: the service writes a commit outside the state lock, through
+    /// [`JobState::cast_vote`], [`PendingCommit::write`] and [`JobState::finish_commit`]).
     pub fn vote(
         &mut self,
         rank: usize,
@@ -767,43 +810,56 @@ impl JobState {
         files: Vec<FileEntry>,
         now: u64,
     ) -> VoteResult {
-        if !self.membership.is_current(generation) {
-            return VoteResult {
+        match self.cast_vote(rank, generation, pos, folder, files, now) {
+            Cast::Done(v) => v,
+            Cast::Commit(c) => {
+                let written = c.write();
+                self.finish_commit(c, written, now)
+            }
+        }
+    }
+
+    /// A rank's vote, without the commit's disk I/O: when it completes the barrier, the commit
+    /// to write (then [`JobState::finish_commit`]).
+    pub fn cast_vote(
+        &mut self,
+        rank: usize,
+        generation: u64,
+        pos: Position,
+        folder: Option<PathBuf>,
+        files: Vec<FileEntry>,
+        now: u64,
+    ) -> Cast {
+        let refused = |reason: String| {
+            Cast::Done(VoteResult {
                 accepted: false,
                 committed: false,
-                reason: format!(
-                    "stale generation {generation} (running: {})",
-                    self.membership.generation()
-                ),
-            };
+                reason,
+            })
+        };
+        if !self.membership.is_current(generation) {
+            return refused(format!(
+                "stale generation {generation} (running: {})",
+                self.membership.generation()
+            ));
         }
         if let Err(reason) = self.check_vote_files(rank, pos.step, folder.as_deref(), &files) {
             self.log.push(format!(
                 "refused a vote of rank {rank} for step {}: {reason}",
                 pos.step
             ));
-            return VoteResult {
-                accepted: false,
-                committed: false,
-                reason,
-            };
+            return refused(reason);
         }
         if self.barrier.pending_step() != Some(pos.step) {
             self.barrier_started = Some(now);
-        }
-        if self.barrier.pending_step() != Some(pos.step)
-            && let Err(e) = self.barrier.request(
+            if let Err(e) = self.barrier.request(
                 pos.step,
                 generation,
                 self.membership.world(),
                 now + self.vote_timeout_ms,
-            )
-        {
-            return VoteResult {
-                accepted: false,
-                committed: false,
-                reason: e,
-            };
+            ) {
+                return refused(e);
+            }
         }
         if let Some(f) = folder {
             self.pending_folder = Some((f, files.clone(), pos));
@@ -817,54 +873,87 @@ impl JobState {
             })
             .collect();
         match self.barrier.vote(rank, generation, pos.step, votes) {
-            VoteOutcome::Recorded => VoteResult {
+            VoteOutcome::Recorded => Cast::Done(VoteResult {
                 accepted: true,
                 committed: false,
                 reason: String::new(),
+            }),
+            VoteOutcome::Refused(reason) => refused(reason),
+            VoteOutcome::Complete(_) => match self.prepare_commit() {
+                Ok(c) => Cast::Commit(Box::new(c)),
+                Err(reason) => Cast::Done(self.commit_failed(pos.step, reason)),
             },
-            VoteOutcome::Refused(reason) => VoteResult {
-                accepted: false,
-                committed: false,
-                reason,
-            },
-            VoteOutcome::Complete(_) => match self.commit() {
-                Ok(()) => {
-                    self.last_commit =
-                        Some((now, now.saturating_sub(self.barrier_started.unwrap_or(now))));
-                    self.commit_failures.1 = 0;
-                    self.commit_failures.2 = None;
-                    VoteResult {
-                        accepted: true,
-                        committed: true,
-                        reason: String::new(),
-                    }
-                }
-                // The group must not train on without checkpoints: the vote is refused, the
-                // ranks re-form and resume from the last commit; after a few failures in a row
-                // the job stops, saying why.
-                Err(reason) => {
-                    self.commit_failures.0 += 1;
-                    self.commit_failures.1 += 1;
-                    self.commit_failures.2 = Some(reason.clone());
-                    self.log.push(format!(
-                        "commit of the checkpoint at step {} failed: {reason}",
-                        pos.step
-                    ));
-                    if self.commit_failures.1 >= MAX_COMMIT_FAILURES {
-                        let why = format!(
-                            "{MAX_COMMIT_FAILURES} checkpoint commits failed in a row, the last: \
-                             {reason}"
-                        );
-                        self.log.push(format!("stopping the job: {why}"));
-                        self.failed = Some(why);
-                    }
-                    VoteResult {
-                        accepted: false,
-                        committed: false,
-                        reason: format!("the commit failed: {reason}"),
-                    }
-                }
-            },
+        }
+    }
+
+    /// Records a written commit (or its failure); the vote's reply.
+    pub fn finish_commit(
+        &mut self,
+        c: Box<PendingCommit>,
+        written: Result<(), String>,
+        now: u64,
+    ) -> VoteResult {
+        let pos = c.position;
+        if let Err(reason) = written {
+            return self.commit_failed(pos.step, reason);
+        }
+        self.log.push(format!(
+            "committed {} (step {}, epoch {}, consumed {})",
+            c.folder.display(),
+            pos.step,
+            pos.epoch,
+            pos.consumed
+        ));
+        if self.checkpoints.len() >= CHECKPOINTS_SHOWN {
+            self.checkpoints.pop_front();
+        }
+        self.checkpoints.push_back(CheckpointInfo {
+            step: pos.step,
+            epoch: pos.epoch,
+            t: wall_ms(),
+            bytes: c.manifest.files.iter().map(|f| f.bytes).sum(),
+        });
+        if self
+            .committed
+            .as_ref()
+            .is_none_or(|k| k.position.step <= pos.step)
+        {
+            self.committed = Some(Committed {
+                folder: c.folder,
+                position: pos,
+            });
+        }
+        self.last_commit = Some((now, now.saturating_sub(self.barrier_started.unwrap_or(now))));
+        self.commit_failures.1 = 0;
+        self.commit_failures.2 = None;
+        VoteResult {
+            accepted: true,
+            committed: true,
+            reason: String::new(),
+        }
+    }
+
+    /// A commit that could not be made. The group must not train on without checkpoints: the
+    /// vote is refused, the ranks re-form and resume from the last commit; after a few
+    /// failures in a row the job stops, saying why.
+    fn commit_failed(&mut self, step: u64, reason: String) -> VoteResult {
+        self.commit_failures.0 += 1;
+        self.commit_failures.1 += 1;
+        self.commit_failures.2 = Some(reason.clone());
+        self.log.push(format!(
+            "commit of the checkpoint at step {step} failed: {reason}"
+        ));
+        if self.commit_failures.1 >= MAX_COMMIT_FAILURES {
+            let why = format!(
+                "{MAX_COMMIT_FAILURES} checkpoint commits failed in a row, the last: {reason}"
+            );
+            self.log.push(format!("stopping the job: {why}"));
+            self.failed = Some(why);
+        }
+        VoteResult {
+            accepted: false,
+            committed: false,
+            reason: format!("the commit failed: {reason}"),
         }
     }
 
@@ -907,56 +996,34 @@ impl JobState {
         Ok(())
     }
 
-    fn commit(&mut self) -> Result<(), String> {
+    /// The manifest of the checkpoint every rank has voted for, to be written.
+    fn prepare_commit(&mut self) -> Result<PendingCommit, String> {
         let (folder, files, pos) = self
             .pending_folder
             .take()
             .ok_or("rank 0 did not report the checkpoint folder")?;
-        let manifest = CheckpointManifest {
-            format: checkpoint::FORMAT.into(),
-            step: pos.step,
-            epoch: pos.epoch,
-            position: pos,
-            model: self.job.model.clone(),
-            world: self.membership.world() as u64,
-            files,
-            changes: self.changes.clone(),
-        };
-        checkpoint::commit(&folder, &manifest).map_err(|e| format!("{}: {e}", folder.display()))?;
-        checkpoint::prune(&self.job.checkpoint.dir, self.job.checkpoint.keep, &folder)
-            .map_err(|e| e.to_string())?;
-        self.log.push(format!(
-            "committed {} (step {}, epoch {}, consumed {})",
-            folder.display(),
-            pos.step,
-            pos.epoch,
-            pos.consumed
-        ));
-        if self.checkpoints.len() >= CHECKPOINTS_SHOWN {
-            self.checkpoints.pop_front();
-        }
-        self.checkpoints.push_back(CheckpointInfo {
-            step: pos.step,
-            epoch: pos.epoch,
-            t: wall_ms(),
-            bytes: manifest.files.iter().map(|f| f.bytes).sum(),
-        });
-        self.committed = Some(Committed {
+        Ok(PendingCommit {
+            manifest: CheckpointManifest {
+                format: checkpoint::FORMAT.into(),
+                step: pos.step,
+                epoch: pos.epoch,
+                position: pos,
+                model: self.job.model.clone(),
+                world: self.membership.world() as u64,
+                files,
+                changes: self.changes.clone(),
+            },
             folder,
             position: pos,
-        });
-        Ok(())
+            dir: self.job.checkpoint.dir.clone(),
+            keep: self.job.checkpoint.keep,
+        })
     }
 
     /// A worker leaves: done with the job (`finished`), or giving up for `reason`. Only a
     /// member or a standby can leave: a call for any other id changes nothing.
     pub fn leave(&mut self, worker: &str, finished: bool, reason: &str, now: u64) {
-        let known = self
-            .membership
-            .workers()
-            .iter()
-            .any(|(id, _, _, _)| id == worker);
-        if !known {
+        if !self.membership.knows(worker) {
             self.log.push(format!(
                 "ignored a leave from {worker}, which is not a member"
             ));

@@ -110,14 +110,7 @@ pub async fn serve(
         let mut printed = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let now = ticker.now();
-            let mut state = ticker.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.tick(now);
-            for line in &state.log[printed..] {
-                eprintln!("coordinator: {line}");
-            }
-            printed = state.log.len();
-            if state.done() || state.failed().is_some() {
+            if ticker.tick(&mut printed) {
                 break;
             }
         }

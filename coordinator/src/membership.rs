@@ -134,6 +134,9 @@ pub struct Membership {
     generation: u64,
     members: BTreeMap<String, Member>,
     standby: BTreeMap<String, Member>,
+    /// Members with `ready` set: kept as they change, so a join is O(log n), not a scan.
+    #[serde(skip)]
+    ready: usize,
     last_join: u64,
     events: Vec<Event>,
 }
@@ -146,6 +149,7 @@ impl Membership {
             generation: 0,
             members: BTreeMap::new(),
             standby: BTreeMap::new(),
+            ready: 0,
             last_join: 0,
             events: Vec::new(),
         }
@@ -191,7 +195,7 @@ impl Membership {
                     self.last_join = now;
                 }
                 self.standby.remove(worker);
-                self.members.insert(
+                let before = self.members.insert(
                     worker.to_owned(),
                     Member {
                         incarnation,
@@ -200,6 +204,9 @@ impl Membership {
                         ready: true,
                     },
                 );
+                if !before.is_some_and(|m| m.ready) {
+                    self.ready += 1;
+                }
                 self.try_form(now);
                 self.assignment(worker)
             }
@@ -249,7 +256,8 @@ impl Membership {
     }
 
     fn try_form(&mut self, now: u64) {
-        let n = self.members.values().filter(|m| m.ready).count();
+        let n = self.ready;
+        debug_assert_eq!(n, self.members.values().filter(|m| m.ready).count());
         let settled = now.saturating_sub(self.last_join) >= self.config.settle_ms;
         if self.phase == Phase::Rendezvous
             && (n >= self.config.max || (n >= self.config.min && settled))
@@ -290,6 +298,7 @@ impl Membership {
             m.rank = None;
             m.ready = false;
         }
+        self.ready = 0;
         self.last_join = now;
         // Over max after adding standbys: keep the first max (by id), park the rest.
         while self.members.len() > self.config.max {
@@ -329,8 +338,12 @@ impl Membership {
         match self.phase {
             Phase::Rendezvous => {
                 let timeout = self.config.timeout_ms;
+                let before = self.members.len();
                 self.members
                     .retain(|_, m| now.saturating_sub(m.last_seen) < timeout);
+                if self.members.len() != before {
+                    self.ready = self.members.values().filter(|m| m.ready).count();
+                }
                 self.try_form(now);
             }
             Phase::Running => {
@@ -376,7 +389,8 @@ impl Membership {
     /// A worker leaves on purpose (end of job or scale-down).
     pub fn leave(&mut self, worker: &str, now: u64) {
         self.standby.remove(worker);
-        if self.members.remove(worker).is_some() {
+        if let Some(m) = self.members.remove(worker) {
+            self.ready -= usize::from(m.ready);
             self.events.push(Event::Left {
                 worker: worker.to_owned(),
             });
@@ -388,8 +402,15 @@ impl Membership {
 
     /// Drops `worker` without an event (a joiner told that the job has finished).
     pub fn forget(&mut self, worker: &str) {
-        self.members.remove(worker);
+        if let Some(m) = self.members.remove(worker) {
+            self.ready -= usize::from(m.ready);
+        }
         self.standby.remove(worker);
+    }
+
+    /// Whether `worker` is a member or a standby.
+    pub fn knows(&self, worker: &str) -> bool {
+        self.members.contains_key(worker) || self.standby.contains_key(worker)
     }
 
     /// Members (with a rank or joining the next group), standbys not counted.

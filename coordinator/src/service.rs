@@ -15,12 +15,14 @@ use axial_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::job::{JobState, Join, Report, StoreRefused};
+use crate::job::{Cast, JobState, Join, Report, StoreRefused};
 use crate::membership::HeartbeatReply as Hb;
 use crate::rendezvous::{Op, Outcome, StoreError};
 
 /// The longest a store call may wait for keys (its client asks again for longer waits).
 const MAX_STORE_WAIT: Duration = Duration::from_secs(30);
+/// The longest a join may be held waiting for a group to form (below the call deadline).
+const MAX_JOIN_WAIT: Duration = Duration::from_secs(5);
 /// Keys one CHECK or WAIT may name.
 const MAX_STORE_KEYS: usize = 4096;
 
@@ -30,6 +32,10 @@ pub struct Service {
     start: Instant,
     /// Woken whenever the rendezvous store changes (store calls waiting for keys).
     store_changed: Arc<tokio::sync::Notify>,
+    /// Woken whenever the generation changes (joins held waiting for a group to form).
+    generation_changed: Arc<tokio::sync::Notify>,
+    /// Held while a commit is written (outside the state lock): one commit at a time.
+    commit_io: Arc<tokio::sync::Mutex<()>>,
     /// Store calls refused to non-members so far (logged at powers of two, not each).
     refused: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -40,6 +46,8 @@ impl Service {
             state: Arc::new(Mutex::new(state)),
             start: Instant::now(),
             store_changed: Arc::new(tokio::sync::Notify::new()),
+            generation_changed: Arc::new(tokio::sync::Notify::new()),
+            commit_io: Arc::new(tokio::sync::Mutex::new(())),
             refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
@@ -51,6 +59,57 @@ impl Service {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, JobState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One look at a join: the assignment, finished, or wait (`Status::Wait`, the default).
+    fn join_once(&self, r: &JoinRequest, abandoned: Option<(u64, &str)>) -> JoinReply {
+        let now = self.now();
+        let mut state = self.lock();
+        let before = state.generation();
+        state.set_host(&r.worker_id, &r.host);
+        let reply = match state.join(&r.worker_id, r.incarnation, abandoned, now) {
+            Join::Wait => JoinReply::default(),
+            Join::Finished => JoinReply {
+                status: v1::join_reply::Status::Finished as i32,
+                ..Default::default()
+            },
+            Join::Assigned { assignment, resume } => JoinReply {
+                status: v1::join_reply::Status::Assigned as i32,
+                rank: assignment.rank as u32,
+                world: assignment.world as u32,
+                generation: assignment.generation,
+                job_toml: state.job_toml.clone(),
+                resume: resume.map(|c| v1::Resume {
+                    epoch: c.position.epoch,
+                    consumed: c.position.consumed,
+                    step: c.position.step,
+                    checkpoint: c.folder.display().to_string(),
+                }),
+                changes: state.changes().iter().map(Into::into).collect(),
+            },
+        };
+        if state.generation() != before {
+            self.generation_changed.notify_waiters();
+        }
+        reply
+    }
+
+    /// Lets time pass (`JobState::tick`), waking the joins held waiting if a group formed or
+    /// ended. Returns whether the job is over (done or failed), with the log lines after
+    /// `printed` printed.
+    pub fn tick(&self, printed: &mut usize) -> bool {
+        let now = self.now();
+        let mut state = self.lock();
+        let before = state.generation();
+        state.tick(now);
+        if state.generation() != before {
+            self.generation_changed.notify_waiters();
+        }
+        for line in &state.log[*printed..] {
+            eprintln!("coordinator: {line}");
+        }
+        *printed = state.log.len();
+        state.done() || state.failed().is_some()
     }
 }
 
@@ -168,33 +227,26 @@ impl Coordinator for Service {
             eprintln!("coordinator: refused a join: {}", refused.message());
             return Err(refused);
         }
-        let now = self.now();
-        let mut state = self.lock();
-        state.set_host(&r.worker_id, &r.host);
-        let abandoned =
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(u64::from(r.wait_ms)).min(MAX_JOIN_WAIT);
+        let mut abandoned =
             (r.abandoned_generation != 0).then_some((r.abandoned_generation, r.reason.as_str()));
-        let reply = match state.join(&r.worker_id, r.incarnation, abandoned, now) {
-            Join::Wait => JoinReply::default(),
-            Join::Finished => JoinReply {
-                status: v1::join_reply::Status::Finished as i32,
-                ..Default::default()
-            },
-            Join::Assigned { assignment, resume } => JoinReply {
-                status: v1::join_reply::Status::Assigned as i32,
-                rank: assignment.rank as u32,
-                world: assignment.world as u32,
-                generation: assignment.generation,
-                job_toml: state.job_toml.clone(),
-                resume: resume.map(|c| v1::Resume {
-                    epoch: c.position.epoch,
-                    consumed: c.position.consumed,
-                    step: c.position.step,
-                    checkpoint: c.folder.display().to_string(),
-                }),
-                changes: state.changes().iter().map(Into::into).collect(),
-            },
-        };
-        Ok(Response::new(reply))
+        loop {
+            // Registered before looking, so a group formed meanwhile still wakes this call.
+            let changed = self.generation_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let reply = self.join_once(&r, abandoned.take());
+            if reply.status != v1::join_reply::Status::Wait as i32
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(Response::new(reply));
+            }
+            // Look again when the generation changes, and every second (which also keeps
+            // this waiting worker seen, as a join does).
+            let slice = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+            let _ = tokio::time::timeout_at(slice, changed).await;
+        }
     }
 
     async fn store(&self, request: Request<StoreRequest>) -> Result<Response<StoreReply>, Status> {
@@ -307,31 +359,49 @@ impl Coordinator for Service {
     async fn vote(&self, request: Request<VoteRequest>) -> Result<Response<VoteReply>, Status> {
         let r = request.into_inner();
         let now = self.now();
-        let mut state = self.lock();
-        // The rank comes from the membership, not from the caller.
-        let Some(rank) = state.rank_of(&r.worker_id) else {
-            return Err(Status::failed_precondition(
-                "not a member of the running group",
-            ));
+        let cast = {
+            let mut state = self.lock();
+            // The rank comes from the membership, not from the caller.
+            let Some(rank) = state.rank_of(&r.worker_id) else {
+                return Err(Status::failed_precondition(
+                    "not a member of the running group",
+                ));
+            };
+            let pos: Position = serde_json::from_str(&r.position_json)
+                .map_err(|e| Status::invalid_argument(format!("position_json: {e}")))?;
+            if (pos.step, pos.epoch, pos.consumed) != (r.step, r.epoch, r.consumed) {
+                return Err(Status::invalid_argument(
+                    "position_json disagrees with step/epoch/consumed",
+                ));
+            }
+            let files = r
+                .files
+                .iter()
+                .map(|f| FileEntry {
+                    name: f.path.clone(),
+                    sha256: f.sha256.clone(),
+                    bytes: f.bytes,
+                })
+                .collect();
+            let folder = (!r.folder.is_empty()).then(|| std::path::PathBuf::from(&r.folder));
+            state.cast_vote(rank, r.generation, pos, folder, files, now)
         };
-        let pos: Position = serde_json::from_str(&r.position_json)
-            .map_err(|e| Status::invalid_argument(format!("position_json: {e}")))?;
-        if (pos.step, pos.epoch, pos.consumed) != (r.step, r.epoch, r.consumed) {
-            return Err(Status::invalid_argument(
-                "position_json disagrees with step/epoch/consumed",
-            ));
-        }
-        let files = r
-            .files
-            .iter()
-            .map(|f| FileEntry {
-                name: f.path.clone(),
-                sha256: f.sha256.clone(),
-                bytes: f.bytes,
-            })
-            .collect();
-        let folder = (!r.folder.is_empty()).then(|| std::path::PathBuf::from(&r.folder));
-        let v = state.vote(rank, r.generation, pos, folder, files, now);
+        let v = match cast {
+            Cast::Done(v) => v,
+            // The last vote: the manifest is written (fsync) and old checkpoints pruned off
+            // the state lock, so heartbeats and joins go on meanwhile.
+            Cast::Commit(c) => {
+                let _one_at_a_time = self.commit_io.lock().await;
+                let (c, written) = tokio::task::spawn_blocking(move || {
+                    let written = c.write();
+                    (c, written)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("the commit's writer: {e}")))?;
+                let now = self.now();
+                self.lock().finish_commit(c, written, now)
+            }
+        };
         Ok(Response::new(VoteReply {
             accepted: v.accepted,
             reason: v.reason,

@@ -68,8 +68,10 @@ const KINDS: [&str; 5] = ["join", "heartbeat", "train heartbeat", "vote", "leave
 struct Record {
     latency: [Vec<u32>; 5],
     errors: [u64; 5],
+    /// Failed calls by kind and status code.
+    error_codes: BTreeMap<(&'static str, String), u64>,
     /// (step, first vote sent, committing reply)
-    commits: BTreeMap<u64, (Option<Instant>, Option<Instant>)>,
+    commits: BTreeMap<(u64, u64), (Option<Instant>, Option<Instant>)>,
     /// Each formation: when the last worker got its rank.
     formed: Vec<(u64, Instant)>,
     /// Each generation that ended: when its first worker heard so.
@@ -99,8 +101,11 @@ impl Shared {
         let us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
         let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
         r.latency[kind].push(us);
-        if result.is_err() {
+        if let Err(e) = result {
             r.errors[kind] += 1;
+            *r.error_codes
+                .entry((KINDS[kind], format!("{:?}", e.code())))
+                .or_insert(0) += 1;
         }
     }
 }
@@ -119,7 +124,7 @@ pub fn simulate(o: &SimulateOptions) -> anyhow::Result<()> {
         rows.push(run_one(o, n).with_context(|| format!("{n} workers"))?);
     }
     println!(
-        "\n| workers | formed after the last join | re-formations (ended -> formed) | join p50/p99/max ms | heartbeat p50/p99/max ms | train heartbeat p50/p99/max ms | vote p50/p99/max ms | commit ms (mean, max) | RPC errors | coordinator CPU s | peak RSS MB | /api/status KB |"
+        "\n| workers | formed after the last join | re-formations (ended -> formed) | join calls per worker; p50/p99/max ms (held up to 2 s while waiting) | heartbeat p50/p99/max ms | train heartbeat p50/p99/max ms | vote p50/p99/max ms | commit ms (mean, max) | RPC errors | coordinator CPU s | peak RSS MB | /api/status KB |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
@@ -353,10 +358,11 @@ fn run_one(o: &SimulateOptions, n: usize) -> anyhow::Result<String> {
         cols.push(percentiles(&mut r.latency[k]));
     }
     eprintln!(
-        "simulate: {n} workers done in {elapsed:.0} s; errors by kind {:?}; /metrics answered: {metrics_ok}; coordinator log {}",
-        r.errors,
+        "simulate: {n} workers done in {elapsed:.0} s; errors {:?}; /metrics answered: {metrics_ok}; coordinator log {}",
+        r.error_codes,
         dir.join("coordinator.log").display()
     );
+    let joins = format!("{:.1}; {}", r.latency[0].len() as f64 / n as f64, cols[0]);
     Ok(format!(
         "| {n} | {first_formed:.2} s | {} | {} | {} | {} | {} | {commit} | {errors} | {cpu:.1} | {rss:.0} | {status_kb:.0} |",
         if reforms.is_empty() {
@@ -368,7 +374,7 @@ fn run_one(o: &SimulateOptions, n: usize) -> anyhow::Result<String> {
                 reforms.iter().sum::<f64>() / reforms.len() as f64
             )
         },
-        cols[0],
+        joins,
         cols[1],
         cols[2],
         cols[3]
@@ -390,7 +396,8 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
     let mut abandoned: Option<u64> = None;
     let mut first_join = true;
     'join: loop {
-        // Join, polling while the coordinator says to wait (as `join` does: every 200 ms).
+        // Join, asking again while the coordinator says to wait (as `join` does: a long poll of
+        // up to 2 s, at most 5 Hz).
         let (rank, generation, resume_step) = loop {
             if s.stop.load(Ordering::Relaxed) {
                 break 'join;
@@ -403,6 +410,7 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
                     .map(|_| "simulated".to_owned())
                     .unwrap_or_default(),
                 host: "127.0.0.1".into(),
+                wait_ms: 2000,
             };
             if first_join {
                 first_join = false;
@@ -421,7 +429,10 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
                     );
                 }
                 Ok(r) if r.status == v1::join_reply::Status::Finished as i32 => break 'join,
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                // Held up to 2 s by the coordinator (a long poll), asked again at once.
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(200).saturating_sub(t.elapsed())).await
+                }
             }
         };
         {
@@ -438,7 +449,10 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
         }
         // Train: steps on the wall clock from the formation, all ranks alike.
         let started = Instant::now();
-        let mut last_alive = Instant::now();
+        // The liveness thread's phase: a process of its own starts it at its own moment.
+        let mut last_alive = Instant::now()
+            .checked_sub(Duration::from_millis((index as u64 * 7919) % 1000))
+            .unwrap_or_else(Instant::now);
         let mut step = resume_step;
         let mut reported = resume_step;
         let mut voted = resume_step;
@@ -461,8 +475,10 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
             if due > step {
                 step = due;
             }
-            if step - step % s.report_every > reported {
-                reported = step - step % s.report_every;
+            // As the worker does: rank r reports at the steps where step + r is a multiple.
+            let report_at = step.saturating_sub((step + rank as u64) % s.report_every);
+            if report_at > reported {
+                reported = report_at;
                 let req = HeartbeatRequest {
                     worker_id: id.clone(),
                     generation,
@@ -514,7 +530,13 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
                 abandoned = Some(generation);
                 continue 'join;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Asleep until the next step or liveness heartbeat is due (a real worker is busy
+            // training meanwhile), and at least every 250 ms (the stop flag, a failure).
+            let next_step = started + Duration::from_millis((step + 1 - resume_step) * s.step_ms);
+            let wake = next_step
+                .min(last_alive + Duration::from_secs(1))
+                .min(Instant::now() + Duration::from_millis(250));
+            tokio::time::sleep_until(wake.into()).await;
         }
     }
     let t = Instant::now();
@@ -568,7 +590,7 @@ async fn vote(
     let sent = Instant::now();
     {
         let mut r = s.record.lock().unwrap_or_else(|e| e.into_inner());
-        let e = r.commits.entry(step).or_insert((None, None));
+        let e = r.commits.entry((generation, step)).or_insert((None, None));
         e.0 = Some(e.0.map_or(sent, |t: Instant| t.min(sent)));
     }
     let r = client.vote(axial_proto::deadline::call(req)).await;
@@ -578,7 +600,10 @@ async fn vote(
             let reply = reply.into_inner();
             if reply.committed {
                 let mut r = s.record.lock().unwrap_or_else(|e| e.into_inner());
-                r.commits.entry(step).or_insert((None, None)).1 = Some(Instant::now());
+                r.commits
+                    .entry((generation, step))
+                    .or_insert((None, None))
+                    .1 = Some(Instant::now());
             }
             reply.reason.contains("stale generation")
         }

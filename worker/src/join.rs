@@ -38,6 +38,10 @@ use crate::error::{Error, Result};
 use crate::metrics::{WorkerMetrics, serve};
 use crate::train::run::{Coordination, Distributed, Report, RunOptions, run};
 
+/// How long a join may be held by the coordinator until a group forms (a long poll): short
+/// enough that SIGTERM while waiting is seen within seconds.
+const JOIN_WAIT_MS: u32 = 2000;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct JoinArgs {
     /// The coordinator, e.g. http://10.0.0.1:50051.
@@ -339,7 +343,9 @@ impl Session {
                 abandoned_generation: gen_,
                 reason,
                 host: self.host.clone(),
+                wait_ms: JOIN_WAIT_MS,
             };
+            let asked = Instant::now();
             match self.call(|mut c| async move { c.join(axial_proto::deadline::call(req)).await }) {
                 Ok(r) => {
                     abandoned = None;
@@ -367,7 +373,9 @@ impl Session {
                 }
                 Err(e) => return Err(e),
             }
-            std::thread::sleep(Duration::from_millis(200));
+            // A coordinator that held the call (a long poll) is asked again at once; one that
+            // answered at once (an older one, or out of reach) at 5 Hz.
+            std::thread::sleep(Duration::from_millis(200).saturating_sub(asked.elapsed()));
         }
     }
 }

@@ -232,10 +232,14 @@ impl Training<'_, '_> {
     }
 
     /// Every `log_every` steps (and at the last): the loss, throughput and phases since the
-    /// last report, as metrics, a training heartbeat and a progress line.
+    /// last report, as metrics, a training heartbeat and a progress line. Rank r reports at
+    /// the steps where `step + r` is a multiple of `log_every`: a large group's heartbeats are
+    /// spread over the steps instead of reaching the coordinator all at once, and every rank
+    /// still reports every `log_every` steps (what the hyperparameter changes rely on).
     fn report(&mut self, epoch: u64, lr: f64) -> Result<()> {
         let pos = self.pos;
-        if !(pos.step.is_multiple_of(self.job.train.log_every) || pos.step == self.total_steps) {
+        let due = (pos.step + self.rank as u64).is_multiple_of(self.job.train.log_every);
+        if !(due || pos.step == self.total_steps) {
             self.progress.step(pos.step, None);
             return Ok(());
         }
