@@ -100,6 +100,74 @@ fn prepare_writes_shards_and_a_manifest_that_verifies() {
     assert!(err.contains("shard-000001.tar"), "{err}");
 }
 
+/// Sets `path`'s modification time an hour back (older than any racy window).
+fn backdate(path: &Path) -> std::time::SystemTime {
+    let t = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(t))
+        .expect("set mtime");
+    t
+}
+
+#[test]
+fn verified_shards_are_not_hashed_again_and_changed_ones_are() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    image_folder(&dir.path().join("in"));
+    let out = dir.path().join("shards");
+    let p = prepare(&dir.path().join("in"), &out, 4, 0).expect("prepare");
+    let cache = dir.path().join("cache/verified.json");
+    let m = Manifest::load(&p.manifest_path).expect("loads");
+    let shard = out.join("shard-000000.tar");
+    let old = backdate(&shard);
+    backdate(&out.join("shard-000001.tar"));
+    m.verify_with(&out, Some(&cache)).expect("verifies");
+    assert!(cache.exists(), "the verified cache is written");
+    // Other bytes of the same size under the same modification time: the cache vouches for
+    // the shard, which is not read again (a full verify sees the change).
+    let mut bytes = std::fs::read(&shard).expect("read");
+    let n = bytes.len();
+    bytes[n / 3] ^= 0xFF;
+    std::fs::write(&shard, &bytes).expect("write");
+    std::fs::File::options()
+        .write(true)
+        .open(&shard)
+        .and_then(|f| f.set_modified(old))
+        .expect("set mtime");
+    m.verify_with(&out, Some(&cache))
+        .expect("trusted from the cache");
+    assert!(m.verify(&out).is_err(), "a full check reads the shard");
+    // A change that moves the modification time is hashed again and refused.
+    std::fs::write(&shard, &bytes).expect("write");
+    let err = m
+        .verify_with(&out, Some(&cache))
+        .expect_err("changed")
+        .to_string();
+    assert!(err.contains("shard-000000.tar"), "{err}");
+}
+
+#[test]
+fn a_manifest_opens_without_reading_shards_and_a_wrong_count_names_the_shard() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    image_folder(&dir.path().join("in"));
+    let out = dir.path().join("shards");
+    let p = prepare(&dir.path().join("in"), &out, 4, 0).expect("prepare");
+    // The manifest claims one sample more in the second shard than it holds.
+    let mut m = Manifest::load(&p.manifest_path).expect("loads");
+    m.shards[1].samples += 1;
+    m.samples += 1;
+    std::fs::write(&p.manifest_path, serde_json::to_vec(&m).expect("json")).expect("write");
+    let ds = WebDataset::open(&p.manifest_path.to_string_lossy()).expect("opens");
+    assert_eq!(ds.len(), 7, "the counts come from the manifest");
+    assert!(ds.get(0).is_ok(), "the first shard is read when wanted");
+    let err = ds.get(5).expect_err("the second shard's count is wrong");
+    assert!(
+        err.origin.contains("shard-000001.tar") && err.reason.contains("the manifest says 3"),
+        "{err:?}"
+    );
+}
+
 fn tar_append(tar: &mut tar::Builder<std::fs::File>, name: &str, bytes: &[u8]) {
     let mut h = tar::Header::new_gnu();
     h.set_size(bytes.len() as u64);

@@ -65,24 +65,171 @@ impl Manifest {
 
     /// Checks every shard's SHA-256; names each one that differs or is missing.
     pub fn verify(&self, dir: &Path) -> Result<(), DataError> {
+        self.verify_with(dir, None)
+    }
+
+    /// As [`Manifest::verify`], but a shard verified before (by this user, on this machine)
+    /// and unchanged since (the same size and modification time, recorded in the verified
+    /// cache `cache`) is not read again: opening ImageNet's shards at every re-formation or
+    /// restart takes milliseconds, not minutes. The shards that must be read are hashed on
+    /// every core. Modification times that are too recent to tell a later change from the
+    /// verified content (within 2 s of the check, as git's "racy" entries) are not trusted.
+    pub fn verify_with(&self, dir: &Path, cache: Option<&Path>) -> Result<(), DataError> {
+        let mut known = cache.map(VerifiedCache::load).unwrap_or_default();
+        let stats: Vec<Option<FileStamp>> = self
+            .shards
+            .iter()
+            .map(|s| FileStamp::of(&dir.join(&s.path)))
+            .collect();
+        let todo: Vec<usize> = (0..self.shards.len())
+            .filter(|&i| {
+                let s = &self.shards[i];
+                !matches!((&stats[i], known.shards.get(&s.path)),
+                    (Some(now), Some(k)) if k.sha256 == s.sha256 && k.stamp == *now && k.trusted())
+            })
+            .collect();
+        let hashes = hash_all(dir, &self.shards, &todo);
         let mut bad = Vec::new();
-        for s in &self.shards {
-            let p = dir.join(&s.path);
-            match sha256_file(&p) {
-                Ok(h) if h == s.sha256 => {}
-                Ok(h) => bad.push(format!("{} (sha256 {h}, manifest {})", s.path, s.sha256)),
-                Err(e) => bad.push(format!("{} ({e})", s.path)),
+        let verified_at = unix_nanos();
+        for (i, hash) in todo.into_iter().zip(hashes) {
+            let s = &self.shards[i];
+            match (hash, &stats[i]) {
+                (Ok(h), Some(stamp)) if h == s.sha256 => {
+                    known.shards.insert(
+                        s.path.clone(),
+                        Verified {
+                            stamp: *stamp,
+                            sha256: h,
+                            verified_at,
+                        },
+                    );
+                }
+                (Ok(h), _) if h == s.sha256 => {}
+                (Ok(h), _) => bad.push(format!("{} (sha256 {h}, manifest {})", s.path, s.sha256)),
+                (Err(e), _) => bad.push(format!("{} ({e})", s.path)),
             }
         }
-        if bad.is_empty() {
-            Ok(())
-        } else {
-            Err(DataError::open(
+        if !bad.is_empty() {
+            return Err(DataError::open(
                 dir,
                 format!("shards do not match the manifest: {}", bad.join("; ")),
-            ))
+            ));
         }
+        // A cache that cannot be written (a read-only home) only costs the next open time.
+        if let Some(path) = cache
+            && let Ok(json) = serde_json::to_vec(&known)
+        {
+            if let Some(parent) = path.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let _ = write_atomic(path, &json);
+        }
+        Ok(())
     }
+}
+
+/// The SHA-256 of the shards `todo` (indices into `shards`), on every core.
+fn hash_all(dir: &Path, shards: &[ShardEntry], todo: &[usize]) -> Vec<std::io::Result<String>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(todo.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<std::io::Result<String>>>> =
+        todo.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&i) = todo.get(k) else { break };
+                    let h = sha256_file(&dir.join(&shards[i].path));
+                    *results[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| Err(std::io::Error::other("not hashed")))
+        })
+        .collect()
+}
+
+/// A file's size and modification time, as `stat` gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct FileStamp {
+    bytes: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        let m = std::fs::metadata(path).ok()?;
+        let mtime = m.modified().ok()?;
+        let mtime_ns = match mtime.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i128,
+            Err(e) => -(e.duration().as_nanos() as i128),
+        };
+        Some(Self {
+            bytes: m.len(),
+            mtime_ns,
+        })
+    }
+}
+
+fn unix_nanos() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// A shard found to match its SHA-256, and the file as it was then.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Verified {
+    stamp: FileStamp,
+    sha256: String,
+    verified_at: i128,
+}
+
+impl Verified {
+    /// Whether an unchanged stamp proves unchanged content: a change within the file system's
+    /// time granularity of the check could have kept the modification time.
+    fn trusted(&self) -> bool {
+        self.verified_at - self.stamp.mtime_ns > 2_000_000_000
+    }
+}
+
+/// The verified cache of one manifest (see [`Manifest::verify_with`]).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct VerifiedCache {
+    shards: std::collections::BTreeMap<String, Verified>,
+}
+
+impl VerifiedCache {
+    fn load(path: &Path) -> Self {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Where the verified cache of the manifest at `manifest` lives: under `$AXIAL_CACHE_DIR`,
+/// else `$XDG_CACHE_HOME/axial`, else `~/.cache/axial` (`verified/<hash of its path>.json`);
+/// none without any of them.
+pub fn verified_cache_path(manifest: &Path) -> Option<PathBuf> {
+    use sha2::Digest;
+    let root = std::env::var_os("AXIAL_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("axial")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/axial")))?;
+    let full = std::fs::canonicalize(manifest).unwrap_or_else(|_| manifest.to_path_buf());
+    let digest = sha2::Sha256::digest(full.to_string_lossy().as_bytes());
+    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Some(root.join("verified").join(format!("{name}.json")))
 }
 
 /// What `prepare` wrote.

@@ -225,3 +225,34 @@ pub fn open(data: &DataConfig, split: SplitKind, seed: u64) -> Result<Box<dyn So
         DataFormat::Mnist => Box::new(mnist::Mnist::open(&path(spec)?, split)?),
     })
 }
+
+/// [`open`], once per process for the same `[data]`, split and seed: a group re-formed in the
+/// same worker process (a new generation after a failure) reuses the split it opened instead
+/// of reading the data again. The newest few are kept.
+pub fn open_shared(
+    data: &DataConfig,
+    split: SplitKind,
+    seed: u64,
+) -> Result<std::sync::Arc<dyn Source>, DataError> {
+    use std::sync::{Arc, Mutex};
+    type Opened = Vec<(String, Arc<dyn Source>)>;
+    static OPENED: Mutex<Opened> = Mutex::new(Vec::new());
+    const KEPT: usize = 4;
+    let key = format!("{data:?} {split:?} {seed}");
+    let found = OPENED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, s)| s.clone());
+    if let Some(source) = found {
+        return Ok(source);
+    }
+    let source: Arc<dyn Source> = Arc::from(open(data, split, seed)?);
+    let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+    opened.push((key, source.clone()));
+    if opened.len() > KEPT {
+        opened.remove(0);
+    }
+    Ok(source)
+}

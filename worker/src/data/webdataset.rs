@@ -3,11 +3,13 @@
 //! against their SHA-256), a folder (its `*.tar`, sorted), a single `.tar`, or a brace pattern
 //! such as `data/shard-{000000..000009}.tar`.
 //!
-//! Opening reads only the tar headers and the small `.cls` entries; images are read by offset
-//! when a sample is requested.
+//! Opening from a manifest reads only the manifest (it gives each shard's sample count; the
+//! shards' SHA-256 are checked through a verified cache); a shard's tar headers and small `.cls`
+//! entries are read when one of its samples is first wanted. Opening shards without a manifest
+//! reads every shard's headers. Images are read by offset when a sample is requested.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use axial_common::plan::Shard;
@@ -22,7 +24,6 @@ const MAX_CLASSES: i64 = 1_000_000;
 
 #[derive(Debug, Clone)]
 struct Entry {
-    shard: usize,
     key: String,
     /// Offset and length of the image bytes, if the key has an image.
     image: Option<(u64, u64)>,
@@ -32,11 +33,20 @@ struct Entry {
     problem: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+/// A shard's samples in key order, or why the shard cannot be read.
+type ShardIndex = Result<Vec<Entry>, String>;
+
+#[derive(Debug)]
 pub struct WebDataset {
     shards: Vec<PathBuf>,
-    entries: Vec<Entry>,
+    /// The first sample id of each shard, then the total.
+    starts: Vec<u64>,
+    /// Each shard's entries: read at open without a manifest; with one (which gives the
+    /// counts), when a sample of the shard is first wanted, so opening reads no shard.
+    index: Vec<std::sync::OnceLock<ShardIndex>>,
     classes: Vec<String>,
+    /// The manifest's shards (path, samples, SHA-256), when opened from one.
+    manifest: Option<Vec<super::manifest::ShardEntry>>,
 }
 
 /// Expands `a{000..003}b` into `a000b .. a003b` (one brace range).
@@ -72,16 +82,35 @@ fn image_ext(ext: &str) -> bool {
 }
 
 impl WebDataset {
+    /// Opens the shards. From a manifest, only the manifest is read (and the shards' SHA-256
+    /// checked, through the verified cache: see `Manifest::verify_with`); otherwise every
+    /// shard's tar headers are.
     pub fn open(spec: &str) -> Result<Self, DataError> {
         let path = Path::new(spec);
-        let mut classes = Vec::new();
-        let shards: Vec<PathBuf> = if spec.ends_with(".json") {
+        if spec.ends_with(".json") {
             let m = Manifest::load(path)?;
             let dir = path.parent().unwrap_or(Path::new("."));
-            m.verify(dir)?;
-            classes = m.classes.clone();
-            m.shards.iter().map(|s| dir.join(&s.path)).collect()
-        } else if path.is_dir() {
+            m.verify_with(dir, super::manifest::verified_cache_path(path).as_deref())?;
+            if m.samples == 0 {
+                return Err(DataError::open(path, "the shards hold no samples"));
+            }
+            let mut starts = vec![0];
+            for s in &m.shards {
+                starts.push(starts[starts.len() - 1] + s.samples);
+            }
+            return Ok(Self {
+                shards: m.shards.iter().map(|s| dir.join(&s.path)).collect(),
+                starts,
+                index: m
+                    .shards
+                    .iter()
+                    .map(|_| std::sync::OnceLock::new())
+                    .collect(),
+                classes: m.classes.clone(),
+                manifest: Some(m.shards),
+            });
+        }
+        let shards: Vec<PathBuf> = if path.is_dir() {
             let mut v: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(|e| DataError::open(path, e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -99,38 +128,60 @@ impl WebDataset {
         if shards.is_empty() {
             return Err(DataError::open(path, "no .tar shards"));
         }
-        let mut entries = Vec::new();
-        for (n, shard) in shards.iter().enumerate() {
-            index_shard(n, shard, &mut entries)?;
+        let mut starts = vec![0];
+        let mut index = Vec::new();
+        let mut max_label = 0;
+        for shard in &shards {
+            let entries = index_shard(shard).map_err(|e| DataError::open(shard, e))?;
+            starts.push(starts[starts.len() - 1] + entries.len() as u64);
+            if let Some(&m) = entries.iter().filter_map(|e| e.label.as_ref().ok()).max() {
+                max_label = max_label.max(m);
+            }
+            index.push(std::sync::OnceLock::from(Ok(entries)));
         }
-        if entries.is_empty() {
+        if starts[starts.len() - 1] == 0 {
             return Err(DataError::open(path, "the shards hold no samples"));
-        }
-        if classes.is_empty() {
-            let max = entries
-                .iter()
-                .filter_map(|e| e.label.as_ref().ok())
-                .max()
-                .copied()
-                .unwrap_or(0);
-            classes = (0..=max).map(|c| c.to_string()).collect();
         }
         Ok(Self {
             shards,
-            entries,
-            classes,
+            starts,
+            index,
+            classes: (0..=max_label).map(|c| c.to_string()).collect(),
+            manifest: None,
+        })
+    }
+
+    /// The shard of sample `index`, and the sample's place in it.
+    fn locate(&self, index: usize) -> (usize, usize) {
+        let shard = self.starts.partition_point(|&s| s <= index as u64) - 1;
+        (shard, index - self.starts[shard] as usize)
+    }
+
+    /// Shard `n`'s entries, read now if they were not yet. A shard that holds another count
+    /// of samples than the manifest says cannot be used.
+    fn entries(&self, n: usize) -> &ShardIndex {
+        self.index[n].get_or_init(|| {
+            let entries = index_shard(&self.shards[n])?;
+            let expected = self.starts[n + 1] - self.starts[n];
+            if entries.len() as u64 != expected {
+                return Err(format!(
+                    "the shard holds {} samples; the manifest says {expected}",
+                    entries.len()
+                ));
+            }
+            Ok(entries)
         })
     }
 }
 
-fn index_shard(n: usize, shard: &Path, entries: &mut Vec<Entry>) -> Result<(), DataError> {
-    let file = std::fs::File::open(shard).map_err(|e| DataError::open(shard, e))?;
-    let mut archive = tar::Archive::new(file);
+/// Reads a shard's tar headers and `.cls` entries (one sequential pass).
+fn index_shard(shard: &Path) -> Result<Vec<Entry>, String> {
+    let file = std::fs::File::open(shard).map_err(|e| e.to_string())?;
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, file));
     let mut by_key: BTreeMap<String, Entry> = BTreeMap::new();
-    let iter = archive.entries().map_err(|e| DataError::open(shard, e))?;
+    let iter = archive.entries().map_err(|e| e.to_string())?;
     for entry in iter {
-        let mut entry =
-            entry.map_err(|e| DataError::open(shard, format!("unreadable tar: {e}")))?;
+        let mut entry = entry.map_err(|e| format!("unreadable tar: {e}"))?;
         let name = entry
             .path()
             .map(|p| p.to_string_lossy().into_owned())
@@ -139,7 +190,6 @@ fn index_shard(n: usize, shard: &Path, entries: &mut Vec<Entry>) -> Result<(), D
             continue;
         };
         let e = by_key.entry(key.to_owned()).or_insert_with(|| Entry {
-            shard: n,
             key: key.to_owned(),
             image: None,
             label: Err("no .cls entry".into()),
@@ -171,13 +221,12 @@ fn index_shard(n: usize, shard: &Path, entries: &mut Vec<Entry>) -> Result<(), D
             };
         }
     }
-    entries.extend(by_key.into_values());
-    Ok(())
+    Ok(by_key.into_values().collect())
 }
 
 impl Source for WebDataset {
     fn len(&self) -> usize {
-        self.entries.len()
+        self.starts[self.starts.len() - 1] as usize
     }
 
     fn num_classes(&self) -> i64 {
@@ -185,8 +234,14 @@ impl Source for WebDataset {
     }
 
     fn get(&self, index: usize) -> Result<Sample, SampleError> {
-        let e = &self.entries[index];
-        let shard = &self.shards[e.shard];
+        let (n, local) = self.locate(index);
+        let shard = &self.shards[n];
+        let entries = self.entries(n).as_ref().map_err(|reason| SampleError {
+            index,
+            origin: shard.display().to_string(),
+            reason: reason.clone(),
+        })?;
+        let e = &entries[local];
         let err = |reason: String| SampleError {
             index,
             origin: format!("{}:{}", shard.display(), e.key),
@@ -203,11 +258,7 @@ impl Source for WebDataset {
             )));
         }
         let (offset, len) = e.image.ok_or_else(|| err("no .jpg/.png entry".into()))?;
-        let mut f = std::fs::File::open(shard).map_err(|x| err(x.to_string()))?;
-        f.seek(SeekFrom::Start(offset))
-            .map_err(|x| err(x.to_string()))?;
-        let mut bytes = vec![0; len as usize];
-        f.read_exact(&mut bytes).map_err(|x| err(x.to_string()))?;
+        let bytes = read_at(shard, offset, len).map_err(|x| err(x.to_string()))?;
         let image = Image::decode(&bytes).map_err(err)?;
         Ok(Sample { image, label })
     }
@@ -216,39 +267,70 @@ impl Source for WebDataset {
         self.classes.clone()
     }
 
-    /// Each sample's shard file name and key, in index order.
+    /// From a manifest: each shard's name, sample count and SHA-256 (the manifest pins the
+    /// content). Otherwise each sample's shard file name and key, in index order.
     fn listing(&self) -> Vec<String> {
-        self.entries
-            .iter()
-            .map(|e| {
-                let shard = self.shards[e.shard].file_name();
-                format!(
-                    "{} {}",
-                    shard.map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-                    e.key
-                )
-            })
-            .collect()
+        if let Some(shards) = &self.manifest {
+            let mut v: Vec<String> = shards
+                .iter()
+                .map(|s| format!("{} {} {}", s.path, s.samples, s.sha256))
+                .collect();
+            v.extend(self.classes.iter().cloned());
+            return v;
+        }
+        let mut v = Vec::with_capacity(self.len());
+        for (n, shard) in self.shards.iter().enumerate() {
+            let name = shard
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            if let Ok(entries) = self.entries(n) {
+                v.extend(entries.iter().map(|e| format!("{name} {}", e.key)));
+            }
+        }
+        v
     }
 
-    /// Entries are indexed shard by shard, so each shard is a run of consecutive ids.
+    /// Each shard is a run of consecutive ids.
     fn shards(&self) -> Option<Vec<Shard>> {
-        let mut counts = vec![0u64; self.shards.len()];
-        for e in &self.entries {
-            counts[e.shard] += 1;
-        }
-        let mut first = 0;
         Some(
-            counts
-                .into_iter()
-                .map(|samples| {
-                    let shard = Shard { first, samples };
-                    first += samples;
-                    shard
+            self.starts
+                .windows(2)
+                .map(|w| Shard {
+                    first: w[0],
+                    samples: w[1] - w[0],
                 })
                 .collect(),
         )
     }
+}
+
+/// `len` bytes of `path` at `offset`. A rank reads its samples from a window of shards in
+/// order, so each loader thread keeps the shards it read last open (up to `OPEN_SHARDS`)
+/// instead of opening a file per sample.
+fn read_at(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    const OPEN_SHARDS: usize = 32;
+    thread_local! {
+        static OPEN: std::cell::RefCell<Vec<(PathBuf, std::fs::File)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    OPEN.with(|open| {
+        let mut open = open.borrow_mut();
+        match open.iter().position(|(p, _)| p == path) {
+            Some(0) => {}
+            Some(i) => {
+                let hit = open.remove(i);
+                open.insert(0, hit);
+            }
+            None => {
+                open.insert(0, (path.to_path_buf(), std::fs::File::open(path)?));
+                open.truncate(OPEN_SHARDS);
+            }
+        }
+        let mut bytes = vec![0; len as usize];
+        open[0].1.read_exact_at(&mut bytes, offset)?;
+        Ok(bytes)
+    })
 }
 
 #[cfg(test)]

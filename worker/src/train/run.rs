@@ -291,13 +291,12 @@ fn device_of(job: &JobConfig) -> Result<(Device, bool)> {
     Ok((device, job.train.precision != Precision::Fp32))
 }
 
-/// The training and validation splits, checked against the model's classes.
+/// The training and validation splits, checked against the model's classes (opened once per
+/// process: a re-formed group reuses them).
 fn open_data(job: &JobConfig) -> Result<(Arc<dyn Source>, Arc<dyn Source>)> {
     let seed = job.train.seed;
-    let train: Arc<dyn Source> =
-        Arc::from(data::open(&job.data, SplitKind::Train, seed).map_err(data_err)?);
-    let val: Arc<dyn Source> =
-        Arc::from(data::open(&job.data, SplitKind::Val, seed).map_err(data_err)?);
+    let train = data::open_shared(&job.data, SplitKind::Train, seed).map_err(data_err)?;
+    let val = data::open_shared(&job.data, SplitKind::Val, seed).map_err(data_err)?;
     for (name, src) in [("train", &train), ("val", &val)] {
         if src.num_classes() > job.model.num_classes {
             return Err(config_err(
