@@ -1,0 +1,410 @@
+use super::*;
+
+fn job(dir: &std::path::Path) -> JobConfig {
+    let text = format!(
+        "[model]\narch = \"axial26s\"\nnum_classes = 10\n[data]\nformat = \"builtin\"\ntrain = 100\nval = 10\nimage_size = 32\n[checkpoint]\ndir = \"{}\"\n",
+        dir.display()
+    );
+    JobConfig::parse(&text, "test", std::path::Path::new("/")).expect("job")
+}
+
+/// A group of exactly one worker, formed at its first join.
+fn one_worker(timeout_ms: u64) -> MembershipConfig {
+    MembershipConfig {
+        min: 1,
+        max: 1,
+        settle_ms: 0,
+        timeout_ms,
+    }
+}
+
+/// Writes rank 0's files of a checkpoint into `folder` and describes them.
+fn checkpoint_files(folder: &std::path::Path) -> Vec<FileEntry> {
+    std::fs::create_dir_all(folder).expect("mkdir");
+    for name in checkpoint::FILES {
+        std::fs::write(folder.join(name), name.as_bytes()).expect("write");
+    }
+    checkpoint::describe(folder, &checkpoint::FILES).expect("describe")
+}
+
+/// A vote may only name its own checkpoint's folder and files (the coordinator writes the
+/// manifest there); anything else is refused and logged. Leaves act only on members.
+#[test]
+fn votes_naming_other_folders_or_files_and_strangers_leaving_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false);
+    let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+        panic!("group")
+    };
+    let g = assignment.generation;
+    let pos = Position {
+        step: 4,
+        consumed: 32,
+        samples_seen: 32,
+        loss_scale: 1.0,
+        ..Position::default()
+    };
+    let good = tmp.path().join("ckpt-0000000004");
+    let files = checkpoint_files(&good);
+    let renamed = |name: &str| {
+        let mut f = files.clone();
+        f[0].name = name.into();
+        f
+    };
+    for (folder, files, why) in [
+        (tmp.path().join("elsewhere"), files.clone(), "is not"),
+        (std::path::PathBuf::from("/etc"), files.clone(), "is not"),
+        (good.clone(), renamed("../../etc/passwd"), "are not"),
+        (good.clone(), renamed("/etc/passwd"), "are not"),
+        (good.clone(), files[..3].to_vec(), "are not"),
+    ] {
+        let v = s.vote(0, g, pos, Some(folder.clone()), files, 5);
+        assert!(!v.accepted && v.reason.contains(why), "{folder:?}: {v:?}");
+    }
+    assert!(s.log.iter().any(|l| l.contains("refused a vote")));
+    assert!(!good.join("manifest.json").exists());
+    let v = s.vote(0, g, pos, Some(good.clone()), files, 6);
+    assert!(v.committed, "{v:?}");
+    // A leave for an id that is no member does nothing; the member is still running.
+    s.leave("stranger", true, "", 7);
+    s.leave("stranger", false, "go away", 7);
+    assert_eq!(s.rank_of("a"), Some(0));
+    assert!(!s.done());
+    assert!(s.status(8).workers.iter().all(|w| w.id != "stranger"));
+}
+
+/// Two ranks vote; the coordinator commits the manifest, and status and metrics show it.
+#[test]
+fn votes_commit_and_status_reports() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let members = MembershipConfig {
+        min: 2,
+        max: 2,
+        settle_ms: 100,
+        timeout_ms: 10_000,
+    };
+    let mut s = JobState::new(job(tmp.path()), members, false);
+    s.join("a", 1, None, 0);
+    let Join::Assigned { assignment, .. } = s.join("b", 1, None, 0) else {
+        panic!("group")
+    };
+    assert_eq!(assignment.world, 2);
+    let g = assignment.generation;
+    // The rendezvous store: for this generation's ranks only.
+    let set = || crate::rendezvous::Op::Set {
+        key: "k".into(),
+        value: b"v".to_vec(),
+    };
+    assert!(s.store("a", g, set()).is_ok());
+    assert!(matches!(
+        s.store("a", g + 7, set()),
+        Err(StoreRefused::Stale { .. })
+    ));
+    assert!(matches!(
+        s.store("stranger", g, set()),
+        Err(StoreRefused::NotMember { .. })
+    ));
+    s.record_progress("a", 12, 1.5, 300.0, 10);
+    let folder = tmp.path().join("ckpt-0000000012");
+    let files = checkpoint_files(&folder);
+    let pos = Position {
+        step: 12,
+        consumed: 96,
+        samples_seen: 96,
+        loss_scale: 1.0,
+        ..Position::default()
+    };
+    let ra = s.rank_of("a").expect("rank");
+    let rb = s.rank_of("b").expect("rank");
+    let first = s.vote(ra, g, pos, Some(folder.clone()), files, 20);
+    assert!(first.accepted && !first.committed);
+    assert!(
+        !folder.join("manifest.json").exists(),
+        "not committed before every rank voted"
+    );
+    let stale = s.vote(rb, g + 1, pos, None, Vec::new(), 25);
+    assert!(!stale.accepted);
+    let last = s.vote(rb, g, pos, None, Vec::new(), 30);
+    assert!(last.committed, "{last:?}");
+    let manifest = axial_common::checkpoint::verify(&folder).expect("committed and verified");
+    assert_eq!(
+        (manifest.step, manifest.world, manifest.position.consumed),
+        (12, 2, 96)
+    );
+
+    let status = s.status(1030);
+    assert_eq!(status.world, 2);
+    assert_eq!(status.global_step, 12);
+    let committed = status.committed.as_ref().expect("committed");
+    assert_eq!((committed.step, committed.age_ms), (12, Some(1000)));
+    let text = status.prometheus();
+    for needle in [
+        "axial_coordinator_workers{state=\"running\"} 2",
+        "axial_coordinator_generation",
+        "axial_coordinator_committed_step 12",
+        "axial_coordinator_checkpoint_age_seconds 1",
+        "# HELP axial_coordinator_global_step",
+    ] {
+        assert!(text.contains(needle), "{needle} missing in\n{text}");
+    }
+    let json = serde_json::to_string(&status).expect("json");
+    assert!(json.contains("\"workers\"") && json.contains("\"events\""));
+}
+
+/// Hyperparameter changes: the coordinator picks a step every rank reaches only after
+/// hearing of the change, refuses earlier ones and bad values, records the changes in the
+/// next manifest, and a coordinator restarted on the saved state keeps them, counts the
+/// restart and goes on with newer generations.
+#[test]
+fn changes_are_scheduled_recorded_and_survive_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let members = one_worker(10_000);
+    let mut s = JobState::new(job(tmp.path()), members, false);
+    let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+        panic!("group")
+    };
+    s.record_progress("a", 40, 1.0, 10.0, 5);
+    let log_every = s.job.train.log_every;
+    let change = s
+        .set_hyperparameters(
+            HyperParameterChange {
+                lr: Some(0.02),
+                ..Default::default()
+            },
+            6,
+        )
+        .expect("accepted");
+    assert_eq!((change.id, change.from_step), (1, 40 + 2 * log_every + 1));
+    let soon = s.set_hyperparameters(
+        HyperParameterChange {
+            weight_decay: Some(0.0),
+            from_step: 41,
+            ..Default::default()
+        },
+        7,
+    );
+    assert!(soon.expect_err("too soon").contains("too soon"));
+    let bad = s.set_hyperparameters(
+        HyperParameterChange {
+            lr: Some(f64::INFINITY),
+            ..Default::default()
+        },
+        7,
+    );
+    assert!(bad.expect_err("bad lr").contains("lr"));
+    // The next checkpoint records the change.
+    let folder = tmp.path().join("ckpt-0000000050");
+    let files = checkpoint_files(&folder);
+    let pos = Position {
+        step: 50,
+        consumed: 50,
+        samples_seen: 50,
+        loss_scale: 1.0,
+        ..Position::default()
+    };
+    let v = s.vote(
+        0,
+        assignment.generation,
+        pos,
+        Some(folder.clone()),
+        files,
+        10,
+    );
+    assert!(v.committed, "{v:?}");
+    let m = axial_common::checkpoint::verify(&folder).expect("manifest");
+    assert_eq!(m.changes, vec![change.clone()]);
+    let status = s.status(11);
+    assert_eq!(status.changes.len(), 1);
+
+    // The coordinator restarts on its saved state.
+    let mut again = JobState::new(job(tmp.path()), members, true);
+    assert_eq!(again.changes(), &[change][..]);
+    assert_eq!(again.restarts(), 1);
+    assert!(
+        again
+            .status(0)
+            .prometheus()
+            .contains("axial_coordinator_restarts_total 1")
+    );
+    let Join::Assigned {
+        assignment: next,
+        resume,
+        ..
+    } = again.join("a", 2, None, 0)
+    else {
+        panic!("group")
+    };
+    assert!(next.generation > assignment.generation);
+    assert_eq!(resume.expect("resume point").position.step, 50);
+}
+
+/// Once a member has left with the job finished, a standby (or a late worker) is told the
+/// job is over instead of waiting for a group that will never form.
+#[test]
+fn after_the_job_finished_joiners_are_told_so() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let members = one_worker(10_000);
+    let mut s = JobState::new(job(tmp.path()), members, false);
+    assert!(matches!(s.join("a", 1, None, 0), Join::Assigned { .. }));
+    assert!(matches!(s.join("standby", 1, None, 1), Join::Wait));
+    s.leave("a", true, "", 2);
+    assert!(matches!(s.join("standby", 1, None, 3), Join::Finished));
+    assert!(s.done(), "the finished job's joiners are not waited for");
+    assert!(matches!(s.join("late", 1, None, 4), Join::Finished));
+}
+
+/// A commit that fails (here the checkpoint's folder is a file, so the manifest cannot be
+/// written, as on a full or read-only disk) is refused, logged and counted, and shows in
+/// status and metrics; after a few failures in a row the job stops, saying why.
+#[test]
+fn failed_commits_are_refused_shown_and_stop_the_job_when_they_persist() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false);
+    let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+        panic!("group")
+    };
+    let g = assignment.generation;
+    for (n, step) in [4u64, 8, 12].into_iter().enumerate() {
+        let good = tmp.path().join(format!("written-{step}"));
+        let files = checkpoint_files(&good);
+        let folder = tmp.path().join(checkpoint::folder_name(step));
+        std::fs::write(&folder, b"not a folder").expect("write");
+        let pos = Position {
+            step,
+            loss_scale: 1.0,
+            ..Position::default()
+        };
+        let v = s.vote(0, g, pos, Some(folder), files, 10 * step);
+        assert!(!v.accepted && !v.committed, "{v:?}");
+        assert!(v.reason.contains("commit failed"), "{v:?}");
+        let status = s.status(10 * step);
+        assert_eq!(status.commit_failures, n as u64 + 1);
+        assert!(status.commit_error.is_some());
+        assert!(status.prometheus().contains(&format!(
+            "axial_coordinator_commit_failures_total {}",
+            n + 1
+        )));
+    }
+    let why = s.failed().expect("the job stops").to_owned();
+    println!("{why}");
+    assert!(
+        why.contains("3 checkpoint commits failed in a row"),
+        "{why}"
+    );
+    assert_eq!(s.status(200).failed.as_deref(), Some(why.as_str()));
+}
+
+/// The job ends only when every member has left, not at the first leave: the others'
+/// leaves must still find the coordinator (and `launch` then exits 0).
+#[test]
+fn the_job_ends_when_the_last_member_has_left() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let members = MembershipConfig {
+        min: 2,
+        max: 2,
+        settle_ms: 100,
+        timeout_ms: 10_000,
+    };
+    let mut s = JobState::new(job(tmp.path()), members, false);
+    s.join("a", 1, None, 0);
+    assert!(matches!(s.join("b", 1, None, 0), Join::Assigned { .. }));
+    s.leave("a", true, "", 10);
+    assert!(!s.done(), "b has not left yet");
+    s.leave("b", true, "", 20);
+    assert!(s.done());
+    // A member that never leaves is dropped after the heartbeat timeout.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut s = JobState::new(job(tmp.path()), members, false);
+    s.join("a", 1, None, 0);
+    s.join("b", 1, None, 0);
+    s.leave("a", true, "", 10);
+    s.tick(5_000);
+    assert!(!s.done());
+    s.tick(20_000);
+    assert!(s.done());
+}
+
+/// With a progress timeout, a running group whose step stops advancing (while every member
+/// still heartbeats) is ended; without one it is left alone.
+#[test]
+fn a_stalled_group_is_ended_after_the_progress_timeout() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let members = one_worker(60_000);
+    let mut s = JobState::new(job(tmp.path()), members, false);
+    s.set_progress_timeout(1000);
+    let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+        panic!("group")
+    };
+    s.tick(10);
+    for (t, step) in [(500, 5), (1400, 9), (2300, 12)] {
+        s.record_progress("a", step, 1.0, 1.0, t);
+        s.tick(t);
+    }
+    assert_eq!(s.generation(), assignment.generation, "it advances");
+    s.heartbeat("a", assignment.generation, 3200);
+    s.tick(3200);
+    assert_eq!(
+        s.generation(),
+        assignment.generation,
+        "stalled for 0.9 s only"
+    );
+    s.tick(3400);
+    assert!(s.generation() > assignment.generation, "stalled for 1.1 s");
+    assert!(
+        s.log.iter().any(|l| l.contains("no progress past step 12")),
+        "{:?}",
+        s.log
+    );
+    // The group re-forms and resumes from a commit at step 5: steps 6, 7, 8 are progress
+    // although they are below the 12 reported before the rollback.
+    let Join::Assigned {
+        assignment: again, ..
+    } = s.join("a", 1, None, 3500)
+    else {
+        panic!("group again")
+    };
+    s.tick(3500);
+    for (t, step) in [(4000, 6), (4900, 7), (5800, 8)] {
+        s.heartbeat("a", again.generation, t);
+        s.record_progress("a", step, 1.0, 1.0, t);
+        s.tick(t);
+    }
+    assert_eq!(
+        s.generation(),
+        again.generation,
+        "progress after the rollback"
+    );
+    let mut off = JobState::new(job(tmp.path()), members, false);
+    off.join("a", 1, None, 0);
+    off.tick(10);
+    off.tick(1_000_000);
+    assert!(off.log.iter().all(|l| !l.contains("no progress")));
+}
+
+/// A damaged `coordinator.json` is kept aside byte for byte, not overwritten, and the new
+/// coordinator's generations start above any the old one can have used.
+#[test]
+fn a_damaged_state_file_is_kept_and_generations_stay_new() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let j = job(tmp.path());
+    std::fs::write(state_file(&j), b"{ not json").expect("write");
+    let mut s = JobState::new(j.clone(), one_worker(10_000), true);
+    let aside = tmp.path().join("coordinator.json.damaged");
+    assert_eq!(std::fs::read(&aside).expect("kept aside"), b"{ not json");
+    assert!(
+        s.log.iter().any(|l| l.contains("is damaged")),
+        "{:?}",
+        s.log
+    );
+    let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+        panic!("group")
+    };
+    assert!(
+        assignment.generation > 1_000_000_000,
+        "{}",
+        assignment.generation
+    );
+    // The fresh state file is valid again.
+    let again = JobState::new(j, one_worker(10_000), true);
+    assert_eq!(again.restarts(), 1);
+}
