@@ -1,7 +1,7 @@
 //! Loader throughput: JPEG decode + RandomResizedCrop + flip + normalize to 224 px, through the
 //! real loader (image folder source, loader threads, bounded queue), per thread count.
 //!
-//! `cargo bench -p axial-worker --bench loader [-- --images 256 --threads 1,2 --size 224]`
+//! `cargo bench -p axial-worker --bench loader [-- --images 256 --threads 1,2 --size 224 --dir D]`
 //!
 //! The source images are generated once into a temp folder: 320 x 256 JPEGs (quality 90) of
 //! the built-in procedural dataset, a typical ImageNet-like file size after resizing.
@@ -31,14 +31,25 @@ fn main() {
         .split(',')
         .filter_map(|t| t.parse().ok())
         .collect();
-    let Ok(dir) = tempfile::tempdir() else {
-        eprintln!("loader bench: no temp dir");
-        std::process::exit(1);
+    // `--dir D`: the images are written there and kept (scripts/bench-loader-vs-pil.sh runs
+    // Pillow on the same files); otherwise into a temp folder.
+    let kept = arg("--dir", "");
+    let temp = tempfile::tempdir();
+    let root = if kept.is_empty() {
+        match &temp {
+            Ok(t) => t.path().to_path_buf(),
+            Err(e) => {
+                eprintln!("loader bench: no temp dir: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        std::path::PathBuf::from(&kept)
     };
     let mut bytes_total = 0u64;
     for i in 0..n {
         let s = render(0, 1, i, 256);
-        let class = dir.path().join(format!("c{}", s.label));
+        let class = root.as_path().join(format!("c{}", s.label));
         let _ = std::fs::create_dir_all(&class);
         // Widen to 320 x 256 so that crops have an aspect ratio to work with.
         let img = image::RgbImage::from_fn(320, 256, |x, y| {
@@ -62,7 +73,7 @@ fn main() {
         drop(enc);
         bytes_total += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     }
-    let source: Arc<dyn Source> = match ImageFolder::open(dir.path()) {
+    let source: Arc<dyn Source> = match ImageFolder::open(root.as_path()) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("loader bench: {e}");
