@@ -733,3 +733,59 @@ fn one_join_with_local_ranks_runs_a_rank_per_device() {
     let b = std::fs::read_to_string(dir.join("ckpt/replica-1.sha256")).expect("rank 1");
     assert_eq!(a, b, "replicas differ");
 }
+
+/// Training heartbeats far apart (here only the last step reports, after more than the
+/// coordinator's keepalive allows an idle connection: 3 s interval + 5 s timeout): the
+/// worker's connection is kept alive between its calls, and the job finishes in its first
+/// generation. (On a runtime that drove the connection only during calls, every generation
+/// ended at its first report with "transport error".)
+#[test]
+fn reports_far_apart_keep_the_connection_and_the_generation() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = JOB
+        .replace("train = 200", "train = 640")
+        .replace("image_size = 32", "image_size = 96")
+        .replace("epochs = 2", "epochs = 1")
+        .replace("log_every = 4", "log_every = 1000")
+        .replace("every_steps = 5", "every_steps = 0");
+    std::fs::write(tmp.path().join("job.toml"), job).expect("write");
+    let started = std::time::Instant::now();
+    let log = tmp.path().join("launch.log");
+    let mut child = Command::new(bin("axial-coordinator"))
+        .args(["launch", "--workers", "2"])
+        .arg("--worker-bin")
+        .arg(bin("axial-worker"))
+        .arg(tmp.path().join("job.toml"))
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("launch");
+    // Without the fix the generations end one after another, for ever: bounded here.
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > std::time::Duration::from_secs(150) {
+            let _ = child.kill();
+            let _ = child.wait();
+            for pid in pids_with(&[&tmp.path().display().to_string()]) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !stderr.contains("joining again"),
+        "a generation ended:\n{stderr}"
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "launch failed or did not end in 150 s:\n{stderr}"
+    );
+    assert!(
+        seconds > 10.0,
+        "the run took {seconds:.1} s: too short to leave the connection idle past the keepalive"
+    );
+}

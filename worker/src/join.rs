@@ -562,7 +562,14 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
             crate::collective::Local::Host(_) => String::new(),
         }
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // A runtime with a thread of its own: the connection to the coordinator is driven between
+    // calls too. On a current-thread runtime it only runs inside a call, so while the training
+    // thread computes (a report every `log_every` steps can be tens of seconds apart) the
+    // server's HTTP/2 keepalive pings go unanswered, the server closes the connection, and the
+    // next heartbeat fails with a transport error that ends the generation.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("coordinator-client")
         .enable_all()
         .build()?;
     let mut session = Session {

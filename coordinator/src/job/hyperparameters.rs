@@ -25,13 +25,7 @@ impl JobState {
                  restart it with the values in the job file"
             ));
         }
-        let reported = self
-            .progress
-            .values()
-            .map(|p| p.step)
-            .chain(self.committed.as_ref().map(|c| c.position.step))
-            .max()
-            .unwrap_or(0);
+        let reported = self.highest_step();
         let earliest = reported
             .saturating_add(self.job.train.log_every.saturating_mul(2))
             .saturating_add(1);

@@ -337,8 +337,9 @@ impl JobState {
         {
             return Some(*step);
         }
-        let reported = self.progress.values().map(|p| p.step).max().unwrap_or(0);
-        let step = reported
+        // Not below the committed step: a group that just resumed from it has not reported yet.
+        let step = self
+            .highest_step()
             .saturating_add(self.job.train.log_every.saturating_mul(2))
             .saturating_add(1);
         self.log.push(format!(

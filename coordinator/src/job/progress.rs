@@ -67,4 +67,16 @@ impl JobState {
         }
         self.progress.insert(worker.to_owned(), report);
     }
+
+    /// The highest step reported in the running generation, or the committed one if higher:
+    /// every group resumes from that one, and once the members have left (a finished job) it
+    /// is the last step.
+    pub(super) fn highest_step(&self) -> u64 {
+        self.progress
+            .values()
+            .map(|p| p.step)
+            .chain(self.committed.as_ref().map(|c| c.position.step))
+            .max()
+            .unwrap_or(0)
+    }
 }

@@ -210,13 +210,7 @@ impl JobState {
         workers.truncate(WORKERS_LISTED);
         // The ranks' reports, or the committed step: every group resumes from that one, and
         // once the members have left (a finished job) it is the last step.
-        let global_step = self
-            .progress
-            .values()
-            .map(|p| p.step)
-            .chain(self.committed.as_ref().map(|c| c.position.step))
-            .max()
-            .unwrap_or(0);
+        let global_step = self.highest_step();
         let total_steps = lead_report.map_or(0, |p| p.total_steps);
         // Steps per second over the last minute of history (or what there is).
         let eta_seconds = {

@@ -408,3 +408,35 @@ fn a_damaged_state_file_is_kept_and_generations_stay_new() {
     let again = JobState::new(j, one_worker(10_000), true);
     assert_eq!(again.restarts(), 1);
 }
+
+/// A member terminating right after a re-formation, before any rank of the new group has
+/// reported: the drain step lies past the committed step the group resumed from (it was
+/// computed from the reports alone, which the re-formation cleared, so the group never reached
+/// it).
+#[test]
+fn a_drain_right_after_a_resume_lies_past_the_committed_step() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false);
+    let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+        panic!("group")
+    };
+    let folder = tmp.path().join("ckpt-0000000040");
+    let files = checkpoint_files(&folder);
+    let pos = Position {
+        step: 40,
+        consumed: 320,
+        samples_seen: 320,
+        loss_scale: 1.0,
+        ..Position::default()
+    };
+    s.record_progress("a", 40, 1.0, 100.0, 5);
+    let v = s.vote(0, assignment.generation, pos, Some(folder), files, 6);
+    assert!(v.committed, "{v:?}");
+    // The worker restarts: a new generation, resuming from step 40, no report yet.
+    let Join::Assigned { resume, .. } = s.join("a", 2, None, 10) else {
+        panic!("re-formed")
+    };
+    assert_eq!(resume.map(|c| c.position.step), Some(40));
+    let log_every = s.job.train.log_every;
+    assert_eq!(s.terminating("a"), Some(40 + 2 * log_every + 1));
+}
