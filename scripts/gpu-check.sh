@@ -43,7 +43,7 @@ for l in sys.stdin:
     python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bench"]:
         print(m["executable"])')
   rm -rf "$CARRY"
   mkdir -p "$CARRY/release/deps" "$CARRY/fixtures"
@@ -148,6 +148,10 @@ JOB
 case "$MODE" in
   prepare) prepare ;;
   run) run 0 ;;
-  dry-run) prepare && run 1 ;;
+  # Not `prepare && run`: errors inside the left side of && do not stop a set -e script.
+  dry-run)
+    prepare
+    run 1
+    ;;
   *) echo "usage: scripts/gpu-check.sh prepare|run|dry-run" >&2; exit 2 ;;
 esac
