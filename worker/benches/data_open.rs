@@ -28,13 +28,8 @@ const SAMPLES: u64 = 1_281_167;
 const SHARDS: u64 = 1_300;
 const CLASSES: u64 = 1_000;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
-}
+mod common;
+use common::arg;
 
 fn fail(what: &str, e: impl std::fmt::Display) -> ! {
     eprintln!("data_open bench: {what}: {e}");

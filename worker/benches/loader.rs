@@ -16,13 +16,8 @@ use axial_worker::data::imagefolder::ImageFolder;
 use axial_worker::data::loader::{Loader, Plan};
 use axial_worker::data::{Source, SplitKind};
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
-}
+mod common;
+use common::arg;
 
 fn main() {
     let n: usize = arg("--images", "256").parse().unwrap_or(256);
