@@ -193,6 +193,11 @@ pub struct TrainConfig {
     /// Start each gradient bucket's all-reduce during the backward pass, as soon as its
     /// gradients are in (true), or all-reduce every bucket after backward (false).
     pub overlap_allreduce: bool,
+    /// Split each step's global batch over the ranks by their measured speed (the
+    /// coordinator's straggler rebalancing) instead of evenly. Needs `sync_bn = "all"`, so
+    /// that every norm sees the whole global batch and the step's math is that of the even
+    /// split.
+    pub rebalance: bool,
 }
 
 impl Default for TrainConfig {
@@ -210,6 +215,7 @@ impl Default for TrainConfig {
             log_every: 20,
             sync_bn: SyncBn::Attention,
             overlap_allreduce: true,
+            rebalance: false,
         }
     }
 }
@@ -637,6 +643,14 @@ impl JobConfig {
                 "at least 1 step",
             ));
         }
+        if t.rebalance && t.sync_bn != SyncBn::All {
+            return Err(ConfigError::invalid(
+                "train.rebalance",
+                true,
+                "sync_bn = \"all\" with it (a rank's local batch-norm statistics would depend \
+                 on its share of the batch, so the step would no longer be the even split's)",
+            ));
+        }
         let o = &self.optim;
         if !(o.lr > 0.0 && o.lr.is_finite() && o.lr <= 100.0) {
             return Err(ConfigError::invalid("optim.lr", o.lr, "0 < lr <= 100"));
@@ -823,6 +837,11 @@ batch_size = 32
                 "batch_size = 32",
                 "batch_size = 32\naccumulate = 0",
                 "train.accumulate",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\nrebalance = true",
+                "train.rebalance",
             ),
             (
                 "batch_size = 32",

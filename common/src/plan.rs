@@ -181,18 +181,42 @@ fn sharded_sequence(
 }
 
 /// How the rest of an epoch is cut into steps for one world size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepPlan {
     /// Consumed prefix when this plan started (positions before it are done).
     pub base: u64,
     pub world: u64,
-    /// Samples per rank per step.
+    /// Samples per rank per step (an even split of the global batch `world x batch`).
     pub batch: u64,
     /// Length of the epoch's sequence.
     pub len: u64,
+    /// The global batch split by the ranks' speeds (the coordinator's rebalancing): rank r's
+    /// samples per full step, `world` of them, at least 1 each, summing to `world x batch`.
+    /// Empty: the even split. The steps, the global batch and the consumed prefix after each
+    /// step are the same either way; only which rank trains on which positions differs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<u64>,
 }
 
 impl StepPlan {
+    /// The even split: `batch` samples per rank per step.
+    pub fn even(base: u64, world: u64, batch: u64, len: u64) -> Self {
+        Self {
+            base,
+            world,
+            batch,
+            len,
+            shares: Vec::new(),
+        }
+    }
+
+    /// The same plan with the global batch split by `shares` (see [`StepPlan::shares`]).
+    pub fn with_shares(mut self, shares: &[u64]) -> Result<Self, String> {
+        check_shares(shares, self.world, self.batch)?;
+        self.shares = shares.to_vec();
+        Ok(self)
+    }
+
     pub fn global_batch(&self) -> u64 {
         self.world * self.batch
     }
@@ -237,6 +261,9 @@ impl StepPlan {
     pub fn range(&self, step: u64, rank: u64) -> (u64, u64) {
         let (from, to) = self.span(step);
         let n = to - from;
+        if !self.shares.is_empty() && n >= self.world {
+            return self.shared_range(from, n, rank);
+        }
         if n == self.global_batch() {
             let a = from + rank * self.batch;
             return (a, a + self.batch);
@@ -244,6 +271,23 @@ impl StepPlan {
         let (q, r) = (n / self.world, n % self.world);
         let a = from + rank * q + rank.min(r);
         (a, a + q + u64::from(rank < r))
+    }
+
+    /// Rank `rank`'s positions of a step of `n >= world` positions from `from`, split by the
+    /// shares: a full step exactly by them; an uneven last step one sample per rank, then the
+    /// rest in proportion to them.
+    fn shared_range(&self, from: u64, n: u64, rank: u64) -> (u64, u64) {
+        let g = self.global_batch();
+        let before: u64 = self.shares[..rank as usize].iter().sum();
+        let through = before + self.shares[rank as usize];
+        if n == g {
+            return (from + before, from + through);
+        }
+        let extra = n - self.world;
+        let at = |r: u64, cum: u64| {
+            from + r + (u128::from(extra) * u128::from(cum) / u128::from(g)) as u64
+        };
+        (at(rank, before), at(rank + 1, through))
     }
 
     /// Samples in the whole step `step` (all ranks).
@@ -287,6 +331,31 @@ impl StepPlan {
             self.base + steps * self.global_batch()
         }
     }
+}
+
+/// Checks a split of a global batch of `world x batch` samples over `world` ranks: one share
+/// per rank, at least 1 each (every rank takes part in the synchronized batch norms), summing
+/// to the global batch.
+pub fn check_shares(shares: &[u64], world: u64, batch: u64) -> Result<(), String> {
+    if shares.len() as u64 != world {
+        return Err(format!(
+            "{} batch shares for a group of {world} ranks",
+            shares.len()
+        ));
+    }
+    if let Some(r) = shares.iter().position(|&s| s == 0) {
+        return Err(format!(
+            "rank {r}'s batch share is 0 (every rank needs a sample)"
+        ));
+    }
+    let sum: u64 = shares.iter().sum();
+    if sum != world * batch {
+        return Err(format!(
+            "batch shares {shares:?} sum to {sum}, not the global batch {}",
+            world * batch
+        ));
+    }
+    Ok(())
 }
 
 /// What the model has seen: the epoch in progress and the consumed prefix of its sequence
@@ -443,12 +512,7 @@ mod tests {
     /// covered exactly once.
     #[test]
     fn steps_cover_the_epoch_exactly_once_with_an_uneven_last_step() {
-        let plan = StepPlan {
-            base: 0,
-            world: 3,
-            batch: 8,
-            len: 103,
-        };
+        let plan = StepPlan::even(0, 3, 8, 103);
         assert_eq!(plan.steps(), 5); // 4 full steps of 24, then 7
         let mut seen = vec![0u32; 103];
         for step in 0..plan.steps() {
@@ -469,12 +533,7 @@ mod tests {
         assert_eq!(plan.range(4, 2), (101, 103));
         // A remainder smaller than the world joins the last full step: no rank is ever left
         // without a sample.
-        let small = StepPlan {
-            base: 0,
-            world: 3,
-            batch: 4,
-            len: 26,
-        };
+        let small = StepPlan::even(0, 3, 4, 26);
         assert_eq!(small.steps(), 2);
         assert_eq!(small.step_samples(1), 14);
         assert!((0..3).all(|r| {
@@ -489,12 +548,7 @@ mod tests {
     #[test]
     fn micro_batches_cover_the_epoch_with_the_same_count_on_every_rank() {
         let epoch = EpochPlan::new(&Layout::RandomAccess { samples: 35 }, 1, 0);
-        let plan = StepPlan {
-            base: 0,
-            world: 2,
-            batch: 16,
-            len: 35,
-        };
+        let plan = StepPlan::even(0, 2, 16, 35);
         let mut all = Vec::new();
         let mut last = Vec::new();
         for rank in 0..2 {
@@ -514,6 +568,72 @@ mod tests {
         assert_eq!(all, (0..35).collect::<Vec<_>>());
     }
 
+    /// A split by speed (the coordinator's rebalancing), changed in the middle of an epoch:
+    /// every position still exactly once, each step the same positions as the even split,
+    /// every rank at least one sample in the uneven last step.
+    #[test]
+    fn shares_split_the_same_steps_and_change_mid_epoch_exactly_once() {
+        let even = StepPlan::even(0, 3, 8, 103);
+        let shared = even.clone().with_shares(&[14, 7, 3]).unwrap();
+        assert_eq!(shared.steps(), even.steps());
+        let mut seen = vec![0u32; 103];
+        // Steps 0 and 1 even, then the shares from the prefix the ledger says.
+        for step in 0..2 {
+            for rank in 0..3 {
+                let (a, b) = even.range(step, rank);
+                (a..b).for_each(|p| seen[p as usize] += 1);
+            }
+        }
+        let rest = StepPlan {
+            base: even.prefix_after(2),
+            ..shared.clone()
+        };
+        for step in 0..rest.steps() {
+            let mut n = 0;
+            for rank in 0..3 {
+                let (a, b) = rest.range(step, rank);
+                assert!(b > a, "step {step} rank {rank}: no sample");
+                (a..b).for_each(|p| seen[p as usize] += 1);
+                n += b - a;
+            }
+            assert_eq!(n, rest.step_samples(step));
+            assert_eq!(rest.prefix_after(step + 1), even.prefix_after(step + 3));
+        }
+        assert!(seen.iter().all(|&c| c == 1), "{seen:?}");
+        // A full step goes exactly by the shares; the last 7 are one each, then 4 by them.
+        assert_eq!(rest.range(0, 0), (48, 62));
+        assert_eq!(rest.range(0, 1), (62, 69));
+        assert_eq!(rest.range(0, 2), (69, 72));
+        let last: Vec<u64> = (0..3)
+            .map(|r| {
+                let (a, b) = rest.range(2, r);
+                b - a
+            })
+            .collect();
+        assert_eq!(last, [3, 2, 2]);
+        // Micro-batches of a shared plan: the same count on every rank, the epoch once.
+        let epoch = EpochPlan::new(&Layout::RandomAccess { samples: 103 }, 1, 0);
+        let mut all = Vec::new();
+        for rank in 0..3 {
+            let (order, batches) = shared.micro_batches(&epoch, rank, 2);
+            assert_eq!(batches.len(), 2 * 5);
+            all.extend(order);
+        }
+        all.sort();
+        assert_eq!(all, (0..103).collect::<Vec<_>>());
+    }
+
+    /// Bad shares are refused with the reason.
+    #[test]
+    fn shares_that_do_not_fit_the_group_are_refused() {
+        let plan = StepPlan::even(0, 2, 8, 100);
+        let err = |s: &[u64]| plan.clone().with_shares(s).unwrap_err();
+        assert!(err(&[16]).contains("1 batch shares for a group of 2"));
+        assert!(err(&[16, 0]).contains("rank 1's batch share is 0"));
+        assert!(err(&[9, 8]).contains("sum to 17, not the global batch 16"));
+        assert!(plan.with_shares(&[11, 5]).is_ok());
+    }
+
     /// Stop after some steps on 2 workers, resume on 1 (and 1 -> 2): exactly once.
     #[test]
     fn resume_with_another_world_size_replans_exactly_the_unseen_samples() {
@@ -528,12 +648,7 @@ mod tests {
                 epoch: 4,
                 consumed: 0,
             };
-            let p1 = StepPlan {
-                base: 0,
-                world: first_world,
-                batch: 5,
-                len: epoch.len(),
-            };
+            let p1 = StepPlan::even(0, first_world, 5, epoch.len());
             for step in 0..3 {
                 for rank in 0..first_world {
                     let (a, b) = p1.range(step, rank);
@@ -544,12 +659,7 @@ mod tests {
             }
             ledger.advance(&p1, 3);
             // The job stops; the committed ledger says where; a new world size takes over.
-            let p2 = StepPlan {
-                base: ledger.consumed,
-                world: second_world,
-                batch: 5,
-                len: epoch.len(),
-            };
+            let p2 = StepPlan::even(ledger.consumed, second_world, 5, epoch.len());
             for step in 0..p2.steps() {
                 for rank in 0..second_world {
                     let (a, b) = p2.range(step, rank);

@@ -26,7 +26,9 @@ pub struct CoordinatorMetrics {
     checkpoint_age: Gauge,
     checkpoint_duration: Gauge,
     job_finished: Gauge,
-    step_skew: Gauge,
+    straggler_ratio: Gauge,
+    max_share: Gauge,
+    min_share: Gauge,
     slowest_rank: Gauge,
     slowest_step: Gauge,
     restarts: Counter,
@@ -111,20 +113,34 @@ impl CoordinatorMetrics {
                 Unit::Count,
                 "1 once the job has finished (the coordinator exits after --linger seconds).",
             ),
-            step_skew: gauge(
-                "axial_coordinator_step_skew_ratio",
+            straggler_ratio: gauge(
+                "axial_coordinator_straggler_ratio",
                 Unit::Count,
-                "The slowest rank's step time over the median rank's (1: no straggler).",
+                "The median rank's speed over the slowest rank's, in samples per second of \
+                 their own work (1: no straggler).",
             ),
             slowest_rank: gauge(
                 "axial_coordinator_slowest_rank",
                 Unit::Count,
-                "Rank with the longest step time (the straggler; -1 while none reports).",
+                "The slowest rank by samples per second of its own work (the straggler; -1 \
+                 while none reports).",
             ),
             slowest_step: gauge(
                 "axial_coordinator_slowest_step_seconds",
                 Unit::Seconds,
-                "Step time of the slowest rank (the sum of its step phases).",
+                "The slowest rank's own work per step (its phases without the waits for the \
+                 other ranks).",
+            ),
+            max_share: gauge(
+                "axial_coordinator_batch_share_max_ratio",
+                Unit::Count,
+                "The largest rank's share of the global batch over the even share (1: the \
+                 even split; [train] rebalance splits it by speed).",
+            ),
+            min_share: gauge(
+                "axial_coordinator_batch_share_min_ratio",
+                Unit::Count,
+                "The smallest rank's share of the global batch over the even share.",
             ),
             restarts: counter(
                 "axial_coordinator_restarts_total",
@@ -148,12 +164,20 @@ impl CoordinatorMetrics {
         for (gauge, state) in self.workers.iter().zip(STATES) {
             gauge.set(status.workers_by_state.get(state).copied().unwrap_or(0) as f64);
         }
-        self.step_skew.set(status.step_skew.unwrap_or(1.0));
+        self.straggler_ratio
+            .set(status.straggler_ratio.unwrap_or(1.0));
         let slowest = status.ranks.first();
         self.slowest_rank
             .set(slowest.map_or(-1.0, |r| r.rank as f64));
         self.slowest_step
-            .set(slowest.map_or(0.0, |r| r.step_seconds));
+            .set(slowest.map_or(0.0, |r| r.busy_seconds));
+        let (lo, hi) = status.batch_shares.as_ref().map_or((1.0, 1.0), |s| {
+            let even = s.samples.iter().sum::<u64>() as f64 / s.samples.len().max(1) as f64;
+            let ratio = |v: Option<&u64>| v.map_or(1.0, |v| *v as f64 / even.max(1.0));
+            (ratio(s.samples.iter().min()), ratio(s.samples.iter().max()))
+        });
+        self.min_share.set(lo);
+        self.max_share.set(hi);
         self.generation.set(status.generation as f64);
         self.world_size.set(status.world as f64);
         self.global_step.set(status.global_step as f64);

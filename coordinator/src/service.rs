@@ -316,7 +316,7 @@ impl Coordinator for Service {
         let mut state = self.lock();
         let reply = state.heartbeat(&r.worker_id, r.generation, now);
         if matches!(reply, Hb::Ok) && r.phase == "train" {
-            let mut phase_seconds = [0.0; 5];
+            let mut phase_seconds = [0.0; axial_common::STEP_PHASES.len()];
             for (slot, v) in phase_seconds.iter_mut().zip(&r.phase_seconds) {
                 *slot = if v.is_finite() { v.max(0.0) } else { 0.0 };
             }
@@ -340,6 +340,11 @@ impl Coordinator for Service {
                 changes: state.changes().iter().map(Into::into).collect(),
                 drain_at_step: state.drain_at().unwrap_or(0),
                 stop: state.failed().is_some(),
+                shares: state.shares_for(r.generation).map(|s| v1::BatchShares {
+                    generation: s.generation,
+                    from_step: s.from_step,
+                    samples: s.samples.clone(),
+                }),
                 ..Default::default()
             },
             Hb::Abort { .. } => HeartbeatReply {

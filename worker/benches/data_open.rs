@@ -160,12 +160,7 @@ fn main() {
     let (_, identity) = timed(|| data::identity(source.as_ref(), &config, 0));
     let layout = data::layout(source.as_ref(), &config);
     let (sequence, order_s) = timed(|| EpochPlan::new(&layout, 0, 0));
-    let steps = StepPlan {
-        base: 0,
-        world: 8,
-        batch: 256,
-        len: sequence.len(),
-    };
+    let steps = StepPlan::even(0, 8, 256, sequence.len());
     let ((order, batches), rank_s) = timed(|| steps.micro_batches(&sequence, 0, 1));
     println!();
     println!("| what | seconds |");

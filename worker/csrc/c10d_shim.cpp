@@ -47,6 +47,20 @@ void sum_coalesced(const Group& g, std::vector<at::Tensor>& ts) {
   }
 }
 
+// sum_coalesced, its time added to the group's sync_wait_ns.
+void timed_sum(const Group& g, std::vector<at::Tensor>& ts) {
+  auto start = std::chrono::steady_clock::now();
+  struct Add {
+    const Group& g;
+    std::chrono::steady_clock::time_point start;
+    ~Add() {
+      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start);
+      g.sync_wait_ns.fetch_add(static_cast<uint64_t>(ns.count()), std::memory_order_relaxed);
+    }
+  } add{g, start};
+  sum_coalesced(g, ts);
+}
+
 // Sum over ranks that autograd can go through: the forward all-reduces the values, the
 // backward all-reduces the incoming gradients (d(sum_r x_r)/dx_r = 1 on every rank, and every
 // rank's loss depends on the sum). This is what synchronized batch norm needs.
@@ -55,7 +69,7 @@ struct AllReduceSumFn : public torch::autograd::Function<AllReduceSumFn> {
     ctx->saved_data["group"] = group;
     auto* g = reinterpret_cast<Group*>(group);
     std::vector<at::Tensor> ts{x.detach().clone().contiguous()};
-    sum_coalesced(*g, ts);
+    timed_sum(*g, ts);
     return ts[0];
   }
 
@@ -63,7 +77,7 @@ struct AllReduceSumFn : public torch::autograd::Function<AllReduceSumFn> {
                                                  torch::autograd::variable_list grads) {
     auto* g = reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
     std::vector<at::Tensor> ts{grads[0].detach().clone().contiguous()};
-    sum_coalesced(*g, ts);
+    timed_sum(*g, ts);
     return {ts[0], at::Tensor()};
   }
 };
@@ -71,6 +85,11 @@ struct AllReduceSumFn : public torch::autograd::Function<AllReduceSumFn> {
 }  // namespace
 
 extern "C" {
+
+// Seconds the group's differentiable all-reduces have taken, in all.
+double axial_group_sync_wait_seconds(void* g) {
+  return static_cast<double>(reinterpret_cast<Group*>(g)->sync_wait_ns.load(std::memory_order_relaxed)) * 1e-9;
+}
 
 // Differentiable sum over ranks: *out receives a new tensor (owned by the caller).
 int axial_allreduce_sum_autograd(void* g, at::Tensor* x, at::Tensor** out, char* err, size_t err_len) {

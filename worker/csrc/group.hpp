@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <thread>
@@ -25,6 +26,9 @@ struct Group {
   // Set from another thread when the coordinator has ended this generation: a Gloo collective
   // waiting for a hung peer gives up at once instead of at its timeout.
   std::atomic<bool> aborted{false};
+  // Nanoseconds spent in the differentiable all-reduces (synchronized batch norm), in all:
+  // the step's sync_wait phase, told apart from the rank's own forward and backward work.
+  mutable std::atomic<uint64_t> sync_wait_ns{0};
 };
 
 // Waits for `work`: at most the group's timeout, and no longer once the group is aborted.

@@ -36,6 +36,7 @@ use tonic::transport::Channel;
 use crate::collective::{Backend, ProcessGroup, Store};
 use crate::error::{Error, Result};
 use crate::metrics::{WorkerMetrics, serve};
+use crate::train::coordination::Shares;
 use crate::train::run::{Coordination, Distributed, Report, RunOptions, run};
 
 /// How long a join may be held by the coordinator until a group forms (a long poll): short
@@ -251,6 +252,8 @@ struct Session {
     /// The step the running group drains after (a member is terminating), as the coordinator
     /// last said.
     drain_at: Option<u64>,
+    /// This generation's splits of the global batch by speed, oldest first.
+    shares: Vec<Shares>,
 }
 
 /// Whether a failed call means the coordinator is (for now) out of reach.
@@ -410,6 +413,15 @@ impl Coordination for Session {
         }
         self.changes = reply.changes.iter().map(Into::into).collect();
         self.drain_at = (reply.drain_at_step != 0).then_some(reply.drain_at_step);
+        if let Some(b) = reply.shares
+            && b.generation == self.generation
+            && self.shares.last().is_none_or(|s| s.from_step < b.from_step)
+        {
+            self.shares.push(Shares {
+                from_step: b.from_step,
+                samples: b.samples,
+            });
+        }
         Ok(())
     }
 
@@ -456,6 +468,10 @@ impl Coordination for Session {
 
     fn drain_at(&self) -> Option<u64> {
         self.drain_at
+    }
+
+    fn shares(&self) -> &[Shares] {
+        &self.shares
     }
 }
 
@@ -586,6 +602,7 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         host: advertised.host.clone(),
         terminate,
         drain_at: None,
+        shares: Vec::new(),
     };
     let metrics = WorkerMetrics::new(&worker_id);
     let mut serving_metrics = false;
@@ -604,6 +621,7 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         session.generation = reply.generation;
         session.changes = reply.changes.iter().map(Into::into).collect();
         session.drain_at = None;
+        session.shares.clear();
         let result = run_generation(
             &mut session,
             args,

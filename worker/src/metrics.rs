@@ -12,16 +12,23 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-/// Step phases timed by `axial_worker_step_phase_seconds{phase=...}`.
+/// Step phases timed by `axial_worker_step_phase_seconds{phase=...}`, in the order of
+/// [`axial_common::STEP_PHASES`].
 #[derive(Debug, Clone, Copy)]
 pub enum Phase {
     DataWait,
+    /// The forward pass, without `SyncWait`.
     Forward,
+    /// The backward pass, without `SyncWait`.
     Backward,
     /// Waiting for the gradient all-reduce after backward (what overlap did not hide).
     AllReduceWait,
     Optimizer,
+    /// Blocked in the synchronized batch norms' all-reduces during forward and backward.
+    SyncWait,
 }
+
+const PHASES: usize = axial_common::STEP_PHASES.len();
 
 pub struct WorkerMetrics {
     recorder: Arc<PrometheusRecorder>,
@@ -46,10 +53,10 @@ pub struct WorkerMetrics {
     gpu_allocated: Gauge,
     gpu_reserved: Gauge,
     gpu_peak: Gauge,
-    phases: [Histogram; 5],
+    phases: [Histogram; PHASES],
     /// Seconds spent in each phase since the last [`WorkerMetrics::take_phase_sums`] (f64
     /// bits), for the heartbeat's per-phase breakdown.
-    phase_sums: [std::sync::atomic::AtomicU64; 5],
+    phase_sums: [std::sync::atomic::AtomicU64; PHASES],
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -86,7 +93,8 @@ impl WorkerMetrics {
             "axial_worker_step_phase_seconds".into(),
             Some(Unit::Seconds),
             "Time of each phase of a training step: data_wait, forward, backward, \
-             allreduce_wait (the gradient all-reduce after backward), optimizer."
+             allreduce_wait (the gradient all-reduce after backward), optimizer, sync_wait \
+             (the synchronized batch norms' all-reduces in forward and backward)."
                 .into(),
         );
         let phase = |p: &'static str| {
@@ -191,13 +199,7 @@ impl WorkerMetrics {
                 Unit::Bytes,
                 "Peak CUDA memory held by tensors since the worker started.",
             ),
-            phases: [
-                phase("data_wait"),
-                phase("forward"),
-                phase("backward"),
-                phase("allreduce_wait"),
-                phase("optimizer"),
-            ],
+            phases: axial_common::STEP_PHASES.map(phase),
             recorder: r,
             phase_sums: Default::default(),
         }
@@ -238,9 +240,8 @@ impl WorkerMetrics {
         }
     }
 
-    /// Seconds spent in each phase (data_wait, forward, backward, allreduce_wait, optimizer)
-    /// since the last call.
-    pub fn take_phase_sums(&self) -> [f64; 5] {
+    /// Seconds spent in each phase ([`axial_common::STEP_PHASES`]) since the last call.
+    pub fn take_phase_sums(&self) -> [f64; PHASES] {
         self.phase_sums
             .each_ref()
             .map(|s| f64::from_bits(s.swap(0, std::sync::atomic::Ordering::Relaxed)))

@@ -3,8 +3,9 @@
 //!
 //! This file holds the state and membership (joins, leaves, heartbeats, the store, time
 //! passing); `commits` the checkpoint votes and commits, `persistence` `coordinator.json`,
-//! `hyperparameters` the operators' changes, `progress` what ranks report, `status` the
-//! snapshot for `/api/status` and `/metrics`.
+//! `hyperparameters` the operators' changes, `progress` what ranks report, `stragglers` the
+//! ranks' speeds and the batch split by them, `status` the snapshot for `/api/status` and
+//! `/metrics`.
 //!
 //! Persistence: what must survive a restart of the coordinator is on disk — the job file, the
 //! token file, the committed checkpoints (each `manifest.json` holds the step, epoch, the
@@ -41,6 +42,7 @@ mod hyperparameters;
 mod persistence;
 mod progress;
 mod status;
+mod stragglers;
 #[cfg(test)]
 mod tests;
 
@@ -53,6 +55,7 @@ pub use status::{
     CheckpointInfo, CommittedStatus, Point, RankPhases, Status, TimedEvent, WORKERS_LISTED,
     WorkerStatus,
 };
+pub use stragglers::{BatchShares, MAX_SHARE_FACTOR, RankSpeed, split_by_speed};
 
 /// Unix time in ms.
 fn wall_ms() -> u64 {
@@ -135,6 +138,8 @@ pub struct JobState {
     barrier_started: Option<u64>,
     /// Accepted hyperparameter changes, oldest first.
     changes: Vec<HyperParameterChange>,
+    /// The running generation's split of the batch by speed (`[train] rebalance`).
+    rebalancer: stragglers::Rebalancer,
     /// Times this job's coordinator was started again on its saved state.
     restarts: u64,
     /// The generation `coordinator.json` reserves up to (see `Saved::generation`).
@@ -233,6 +238,7 @@ impl JobState {
             last_commit: None,
             barrier_started: None,
             changes,
+            rebalancer: Default::default(),
             restarts,
             generation_reserved: generation + GENERATION_BLOCK,
             log,

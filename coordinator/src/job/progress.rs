@@ -11,8 +11,8 @@ pub struct Report {
     pub images_per_second: f64,
     pub lr: f64,
     pub total_steps: u64,
-    /// Mean seconds per step: data_wait, forward, backward, allreduce_wait, optimizer.
-    pub phase_seconds: [f64; 5],
+    /// Mean seconds per step of each phase ([`axial_common::STEP_PHASES`]).
+    pub phase_seconds: [f64; axial_common::STEP_PHASES.len()],
     /// An evaluation: its epoch (from 1) and validation top-1.
     pub eval: Option<(u64, f64)>,
     /// When it arrived (the state machines' clock, ms).
@@ -65,7 +65,9 @@ impl JobState {
                 });
             }
         }
+        let step = report.step;
         self.progress.insert(worker.to_owned(), report);
+        self.consider_rebalance(step);
     }
 
     /// The highest step reported in the running generation, or the committed one if higher:

@@ -52,10 +52,13 @@ pub struct Status {
     pub worker_count: usize,
     /// All workers counted by state (running, joining, standby, failed).
     pub workers_by_state: std::collections::BTreeMap<&'static str, usize>,
-    /// The slowest ranks' steps by phase (data_wait, forward, backward, allreduce_wait,
-    /// optimizer), slowest first, and the slowest rank's step time over the median's.
+    /// The slowest ranks' steps by phase (`axial_common::STEP_PHASES`), the slowest first (by
+    /// samples per second of their own work), and the median rank's speed over the slowest's
+    /// (1: no straggler).
     pub ranks: Vec<RankPhases>,
-    pub step_skew: Option<f64>,
+    pub straggler_ratio: Option<f64>,
+    /// The running generation's split of the global batch by speed (none: the even split).
+    pub batch_shares: Option<super::BatchShares>,
     /// Progress over time (rank 0), validation top-1 by epoch, the newest commits first, and
     /// the group's events (formed, lost, failed, left, ...) with their times.
     pub history: Vec<Point>,
@@ -92,7 +95,12 @@ pub struct RankPhases {
     pub host: String,
     /// Mean seconds per step (the sum of the phases).
     pub step_seconds: f64,
-    pub phase_seconds: [f64; 5],
+    /// Its own work per step: the phases without the waits for the other ranks.
+    pub busy_seconds: f64,
+    /// Its samples of each step, and its speed: samples per second of its own work.
+    pub share: u64,
+    pub samples_per_second: f64,
+    pub phase_seconds: [f64; axial_common::STEP_PHASES.len()],
 }
 
 /// An event with its time (unix ms).
@@ -177,28 +185,37 @@ impl JobState {
             .into_iter()
             .find(|(_, rank, _, _)| *rank == Some(0))
             .and_then(|(id, _, _, _)| self.progress.get(&id).copied());
-        // The straggler view: every ranked worker's step by phase, slowest first.
+        // The straggler view: every ranked worker's step by phase, the slowest (by samples
+        // per second of its own work) first.
+        let speeds = self.rank_speeds();
         let mut ranks: Vec<RankPhases> = self
             .membership
             .workers()
             .into_iter()
             .filter_map(|(id, rank, _, _)| {
+                let rank = rank?;
                 let p = self.progress.get(&id)?;
+                let speed = speeds.get(rank).copied().flatten()?;
                 Some(RankPhases {
                     host: self.hosts.get(&id).cloned().unwrap_or_default(),
-                    rank: rank?,
+                    rank,
                     step_seconds: p.phase_seconds.iter().sum(),
+                    busy_seconds: speed.busy_seconds,
+                    share: speed.share,
+                    samples_per_second: speed.samples_per_second,
                     phase_seconds: p.phase_seconds,
                     id,
                 })
             })
             .collect();
-        ranks.sort_by(|a, b| b.step_seconds.total_cmp(&a.step_seconds));
-        let median = ranks.get(ranks.len() / 2).map_or(0.0, |r| r.step_seconds);
-        let step_skew = ranks
+        ranks.sort_by(|a, b| a.samples_per_second.total_cmp(&b.samples_per_second));
+        let median = ranks
+            .get(ranks.len() / 2)
+            .map_or(0.0, |r| r.samples_per_second);
+        let straggler_ratio = ranks
             .first()
-            .filter(|_| median > 0.0)
-            .map(|r| r.step_seconds / median);
+            .filter(|r| r.samples_per_second > 0.0 && median > 0.0)
+            .map(|r| median / r.samples_per_second);
         let worker_count = workers.len();
         let mut workers_by_state = std::collections::BTreeMap::new();
         for w in &workers {
@@ -258,7 +275,8 @@ impl JobState {
             worker_count,
             workers_by_state,
             ranks: ranks.into_iter().take(WORKERS_LISTED.min(20)).collect(),
-            step_skew,
+            straggler_ratio,
+            batch_shares: self.shares_for(self.generation()).cloned(),
             history: self.history.iter().copied().collect(),
             evals: self.evals.iter().map(|(e, t)| (*e, *t)).collect(),
             checkpoints: self.checkpoints.iter().rev().cloned().collect(),

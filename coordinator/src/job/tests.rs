@@ -440,3 +440,107 @@ fn a_drain_right_after_a_resume_lies_past_the_committed_step() {
     let log_every = s.job.train.log_every;
     assert_eq!(s.terminating("a"), Some(40 + 2 * log_every + 1));
 }
+
+/// Splits by speed keep the total, stay in [1, max] and follow the speeds.
+#[test]
+fn split_by_speed_keeps_the_global_batch_within_the_bounds() {
+    assert_eq!(split_by_speed(&[1.0, 1.0], 32, 32), [16, 16]);
+    assert_eq!(split_by_speed(&[2.0, 1.0], 48, 48), [32, 16]);
+    // Capped at max: the fast rank gets 2x at most, the rest goes to the others.
+    assert_eq!(split_by_speed(&[10.0, 1.0, 1.0], 48, 32), [32, 8, 8]);
+    // Never below one sample.
+    assert_eq!(split_by_speed(&[1000.0, 1.0], 16, 15), [15, 1]);
+    for speeds in [
+        [3.0, 1.0, 1.0, 0.5],
+        [1.0, 1.1, 0.9, 1.0],
+        [7.0, 7.0, 7.0, 1e-6],
+    ] {
+        let s = split_by_speed(&speeds, 4 * 25, 50);
+        assert_eq!(s.iter().sum::<u64>(), 100, "{speeds:?}: {s:?}");
+        assert!(
+            s.iter().all(|&n| (1..=50).contains(&n)),
+            "{speeds:?}: {s:?}"
+        );
+    }
+}
+
+/// `[train] rebalance`: once both ranks have reported a window under the even split, the
+/// coordinator splits the batch by their speeds (own work without the waits), for a step both
+/// hear of first; status and metrics name the straggler; a new generation starts even.
+#[test]
+fn a_straggler_gets_a_smaller_share_of_the_batch() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut config = job(tmp.path());
+    config.train.batch_size = 16;
+    config.train.log_every = 5;
+    config.train.rebalance = true;
+    config.train.sync_bn = axial_common::job::SyncBn::All;
+    let members = MembershipConfig {
+        min: 2,
+        max: 2,
+        settle_ms: 0,
+        timeout_ms: 60_000,
+    };
+    let mut s = JobState::new(config, members, false);
+    s.join("fast", 1, None, 0);
+    let Join::Assigned { assignment, .. } = s.join("slow", 1, None, 0) else {
+        panic!("group")
+    };
+    let g = assignment.generation;
+    let (fast, slow) = (s.rank_of("fast").unwrap(), s.rank_of("slow").unwrap());
+    // Both steps take 0.3 s: the fast rank works 0.1 s and waits 0.2 s; the slow one works
+    // 0.3 s (data_wait, forward, backward, allreduce_wait, optimizer, sync_wait).
+    let report = |step: u64, work: f64, wait: f64| Report {
+        step,
+        phase_seconds: [
+            0.0,
+            work * 0.4,
+            work * 0.5,
+            wait * 0.5,
+            work * 0.1,
+            wait * 0.5,
+        ],
+        ..Report::default()
+    };
+    let mut at = 0;
+    for step in (5..=20).step_by(5) {
+        at += 1000;
+        s.record_report("fast", report(step, 0.1, 0.2), at);
+        s.record_report("slow", report(step, 0.3, 0.0), at);
+        if step < 15 {
+            assert_eq!(s.shares_for(g), None, "step {step}: not measured yet");
+        }
+    }
+    let shares = s.shares_for(g).expect("rebalanced").clone();
+    let mut by_rank = [0u64; 2];
+    by_rank[fast] = 24;
+    by_rank[slow] = 8;
+    assert_eq!(shares.samples, by_rank);
+    // Scheduled past where any rank can be before hearing of it.
+    assert!(shares.from_step > 20 + 5, "{shares:?}");
+    assert!(s.log.iter().any(|l| l.contains("the batch split by speed")));
+    let status = s.status(at);
+    assert_eq!(status.ranks[0].id, "slow");
+    assert!((status.straggler_ratio.unwrap() - 3.0).abs() < 1e-9);
+    assert_eq!(status.batch_shares.as_ref(), Some(&shares));
+    let text = status.prometheus();
+    for needle in [
+        "axial_coordinator_straggler_ratio 3",
+        &format!("axial_coordinator_slowest_rank {slow}"),
+        "axial_coordinator_batch_share_max_ratio 1.5",
+        "axial_coordinator_batch_share_min_ratio 0.5",
+    ] {
+        assert!(text.contains(needle), "{needle} missing in\n{text}");
+    }
+    // No new split until both have reported a window under this one.
+    s.record_report("slow", report(shares.from_step + 5, 0.1, 0.0), at + 100);
+    assert_eq!(s.shares_for(g), Some(&shares));
+    // A new generation (the fast worker restarted) starts from the even split.
+    s.join("fast", 2, None, at + 200);
+    s.join("slow", 1, None, at + 200);
+    s.join("fast", 2, None, at + 200);
+    assert_ne!(s.generation(), g);
+    assert_eq!(s.world(), 2);
+    assert_eq!(s.shares_for(s.generation()), None);
+    assert_eq!(s.current_shares(), vec![16; s.world()]);
+}

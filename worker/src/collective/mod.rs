@@ -87,6 +87,7 @@ mod ffi {
             err_len: usize,
         ) -> c_int;
         pub fn axial_barrier(g: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+        pub fn axial_group_sync_wait_seconds(g: *mut c_void) -> f64;
         pub fn axial_group_abort(g: *mut c_void);
         pub fn axial_group_free(g: *mut c_void);
         pub fn axial_groups_closing() -> c_int;
@@ -707,6 +708,15 @@ impl ProcessGroup {
         )?;
         // SAFETY: `out` is a fresh at::Tensor* whose ownership passes to the Tensor.
         Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+    }
+
+    /// Seconds spent in [`ProcessGroup::allreduce_sum_differentiable`] (forward and backward)
+    /// since the group formed: the synchronized batch norms' share of a step, most of it
+    /// waiting for slower ranks.
+    #[allow(unsafe_code)]
+    pub fn sync_wait_seconds(&self) -> f64 {
+        // SAFETY: the group pointer is live until drop; the counter is atomic.
+        unsafe { ffi::axial_group_sync_wait_seconds(self.ptr) }
     }
 
     /// Ends the group from any thread: collectives waiting in it (on a hung peer, say) fail at

@@ -34,6 +34,40 @@ pub trait Coordination {
     fn drain_at(&self) -> Option<u64> {
         None
     }
+    /// The running generation's splits of the global batch by speed (`[train] rebalance`),
+    /// oldest first; none: the even split.
+    fn shares(&self) -> &[Shares] {
+        &[]
+    }
+}
+
+/// A split of the global batch by speed: from the step after step count `from_step`, rank r
+/// trains on `samples[r]` of each step's samples.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shares {
+    pub from_step: u64,
+    pub samples: Vec<u64>,
+}
+
+/// The split the step after step count `step` uses: the newest of `schedule` from `step` or
+/// earlier (none: the even split). One that took effect before `step` but is not `current`
+/// came too late (this rank heard of it after its step): the ranks would disagree on who trains
+/// on what, so the generation must re-form.
+pub(crate) fn shares_at<'s>(
+    schedule: &'s [Shares],
+    step: u64,
+    current: &[u64],
+) -> Result<Option<&'s Shares>> {
+    let Some(due) = schedule.iter().rev().find(|s| s.from_step <= step) else {
+        return Ok(None);
+    };
+    if due.from_step < step && due.samples != current {
+        return Err(Error::Regroup(format!(
+            "heard of the batch shares from step {} only at step {step}",
+            due.from_step
+        )));
+    }
+    Ok(Some(due))
 }
 
 /// What a rank's training heartbeat says (every `log_every` steps, and after an evaluation).
@@ -47,9 +81,9 @@ pub struct Report {
     pub lr: f64,
     /// The job's total steps (for the ETA).
     pub total_steps: u64,
-    /// Mean seconds per step of each phase since the last report: data_wait, forward,
-    /// backward, allreduce_wait, optimizer.
-    pub phase_seconds: [f64; 5],
+    /// Mean seconds per step of each phase since the last report
+    /// ([`axial_common::STEP_PHASES`]).
+    pub phase_seconds: [f64; axial_common::STEP_PHASES.len()],
     /// An evaluation since the last report: its epoch (from 1) and validation top-1.
     pub eval: Option<(u64, f64)>,
 }

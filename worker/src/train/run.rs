@@ -188,13 +188,7 @@ pub fn run(
         sync: sync.as_deref(),
         buffers: &buffers,
     };
-    let steps_per_epoch = StepPlan {
-        base: 0,
-        world: world as u64,
-        batch: per_rank,
-        len: train_src.len() as u64,
-    }
-    .steps();
+    let steps_per_epoch = StepPlan::even(0, world as u64, per_rank, train_src.len() as u64).steps();
     if !quiet {
         eprintln!(
             "training {} ({} parameters) on {device:?}{}: {} train / {} val samples, {} epochs x {steps_per_epoch} steps of {global_batch}, peak lr {:.4}",

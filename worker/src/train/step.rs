@@ -165,6 +165,7 @@ impl<'a> Step<'a> {
             r.arm();
         }
         let t = Instant::now();
+        let synced = self.sync_wait();
         let images = images.to_device(self.device);
         let labels = labels.to_device(self.device);
         let logits = tch::autocast(self.autocast, || self.net.forward_t(&images, true));
@@ -173,11 +174,41 @@ impl<'a> Step<'a> {
         } else {
             smoothed_cross_entropy(&logits, &labels, self.label_smoothing)
         };
-        self.phase_done(metrics, Phase::Forward, t);
+        let synced = self.work_done(metrics, Phase::Forward, t, synced);
         let t = Instant::now();
         (&loss * (scale.scale * n as f64 / step_samples)).f_backward()?;
-        self.phase_done(metrics, Phase::Backward, t);
+        self.work_done(metrics, Phase::Backward, t, synced);
         Ok((n > 0).then(|| loss.detach()))
+    }
+
+    /// The synchronized batch norms' all-reduce seconds so far (0 without them).
+    fn sync_wait(&self) -> f64 {
+        self.sync.map_or(0.0, |c| c.group.sync_wait_seconds())
+    }
+
+    /// Records the pass begun at `t` as `phase`, without the synchronized batch norms' time
+    /// since `synced` (recorded as `Phase::SyncWait`): a fast rank's forward then measures its
+    /// own work, not its wait for a slow one. Returns the new sync total.
+    fn work_done(
+        &self,
+        metrics: Option<&WorkerMetrics>,
+        phase: Phase,
+        t: Instant,
+        synced: f64,
+    ) -> f64 {
+        let Some(m) = metrics else {
+            return synced;
+        };
+        if let Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let now = self.sync_wait();
+        let waited = (now - synced).max(0.0);
+        m.record(phase, (t.elapsed().as_secs_f64() - waited).max(0.0));
+        if self.sync.is_some() {
+            m.record(Phase::SyncWait, waited);
+        }
+        now
     }
 
     /// The update after the step's micro-batches: gradients summed over the ranks, unscaled

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{Position, Writer};
 use super::checkpointer::{checkpoint_at, replica_fingerprint, written};
-use super::coordination::{Distributed, LiveJob, Report, drain_now, drain_step};
+use super::coordination::{Distributed, LiveJob, Report, drain_now, drain_step, shares_at};
 use super::eval::{EvalOptions, EvalResult, evaluate};
 use super::optim::Optimizer;
 use super::progress::Progress;
@@ -97,39 +97,28 @@ impl Training<'_, '_> {
         self.finish(start, stopped_early)
     }
 
-    /// One epoch (or what is left of it after a resume): its steps, then its end.
+    /// One epoch (or what is left of it after a resume): its steps, then its end. When the
+    /// coordinator splits the batch by speed from some step on, the rest of the epoch is
+    /// planned again from there (the same steps and prefix, other positions per rank).
     fn epoch(&mut self, epoch: u64) -> Result<Flow> {
         let epoch_start = Instant::now();
         self.metrics.epoch.set(epoch as f64);
         let sequence = EpochPlan::new(&self.layout, self.job.train.seed, epoch);
         let len = sequence.len();
-        let steps = StepPlan {
-            base: self.pos.consumed,
-            world: self.world as u64,
-            batch: self.per_rank,
-            len,
-        };
-        // This rank's micro-batches: its share of each step, cut into `accumulate` parts.
-        let (order, batches) =
-            steps.micro_batches(&sequence, self.rank as u64, self.job.train.accumulate);
-        let plan = Plan {
-            order: order.into_iter().map(|i| i as usize).collect(),
-            batches,
-            train: true,
-            epoch,
-            seed: self.job.train.seed,
-        };
-        let mut loader = Loader::start(
-            self.train_src.clone(),
-            self.transform.clone(),
-            plan,
-            self.job.data.loader_threads,
-            self.job.data.prefetch,
-        );
+        let mut steps = StepPlan::even(self.pos.consumed, self.world as u64, self.per_rank, len);
+        steps = self.replan(&steps)?.unwrap_or(steps);
+        let mut loader = self.loader(&steps, &sequence, epoch);
         if self.pos.consumed == 0 {
             self.epoch_loss = (Tensor::zeros([], (Kind::Double, self.device)), 0);
         }
-        for s in 0..steps.steps() {
+        let mut s = 0;
+        while s < steps.steps() {
+            if let Some(shared) = self.replan(&steps)? {
+                drop(loader);
+                steps = shared;
+                s = 0;
+                loader = self.loader(&steps, &sequence, epoch);
+            }
             self.micro_batches(&mut loader, epoch, steps.step_samples(s) as f64)?;
             let lr = self.update(&steps, s, epoch, len)?;
             self.report(epoch, lr)?;
@@ -140,9 +129,57 @@ impl Training<'_, '_> {
                     flow => return Ok(flow),
                 }
             }
+            s += 1;
         }
         drop(loader);
         self.end_of_epoch(epoch, epoch_start)
+    }
+
+    /// This rank's loader over its part of the rest of the epoch: its share of each step of
+    /// `steps`, cut into `accumulate` micro-batches.
+    fn loader(&self, steps: &StepPlan, sequence: &EpochPlan, epoch: u64) -> Loader {
+        let (order, batches) =
+            steps.micro_batches(sequence, self.rank as u64, self.job.train.accumulate);
+        let plan = Plan {
+            order: order.into_iter().map(|i| i as usize).collect(),
+            batches,
+            train: true,
+            epoch,
+            seed: self.job.train.seed,
+        };
+        Loader::start(
+            self.train_src.clone(),
+            self.transform.clone(),
+            plan,
+            self.job.data.loader_threads,
+            self.job.data.prefetch,
+        )
+    }
+
+    /// The rest of the epoch planned again from the current position, if the coordinator's
+    /// split of the batch for the next step differs from `steps`'.
+    fn replan(&self, steps: &StepPlan) -> Result<Option<StepPlan>> {
+        let schedule = self
+            .dist
+            .as_ref()
+            .map_or(&[][..], |d| d.coordination.shares());
+        let Some(due) = shares_at(schedule, self.pos.step, &steps.shares)? else {
+            return Ok(None);
+        };
+        if due.samples == steps.shares {
+            return Ok(None);
+        }
+        let plan = StepPlan::even(self.pos.consumed, steps.world, steps.batch, steps.len)
+            .with_shares(&due.samples)
+            .map_err(|e| Error::Coordinator(format!("the coordinator's batch shares: {e}")))?;
+        if self.rank == 0 {
+            self.progress.note(&format!(
+                "from step {}: the batch split by speed, {:?} samples per rank",
+                self.pos.step + 1,
+                due.samples
+            ));
+        }
+        Ok(Some(plan))
     }
 
     /// This rank's `accumulate` micro-batches of a step of `step_samples` samples (over all
