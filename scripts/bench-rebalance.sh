@@ -43,8 +43,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-STEPS=150     # one epoch: 150 steps of 2 x 32 samples
-FROM=60       # steps per second measured from here to the end (the split settles by ~35)
+STEPS=100     # one epoch: 100 steps of 2 x 64 samples
+FROM=45       # steps per second measured from here to the end (the split settles by ~35)
 job() { # $1: rebalance true|false
   cat > "$DIR/job-$1.toml" << EOF
 [model]
@@ -53,13 +53,13 @@ width = 0.25
 num_classes = 10
 [data]
 format = "builtin"
-train = $((STEPS * 64))
+train = $((STEPS * 128))
 val = 64
 image_size = 32
 loader_threads = 1
 [train]
 epochs = 1
-batch_size = 32
+batch_size = 64
 threads = 1
 log_every = 5
 sync_bn = "all"
@@ -111,7 +111,7 @@ run() { # $1: rebalance true|false
   grep -o 'the batch split by speed from step [0-9]*: \[[0-9, ]*\][^)]*)' "$log" | head -3 >&2 || true
 }
 
-echo "two workers, axial26s width 0.25, 32 px, global batch 64, sync_bn all;" \
+echo "two workers, axial26s width 0.25, 32 px, global batch 128, sync_bn all;" \
   "one worker held to ${QUOTA}% of a core"
 echo
 echo "| round | even split (steps/s) | rebalanced (steps/s) | speed-up | shares | median/slowest speed |"

@@ -198,7 +198,7 @@ fn the_dashboard_renders_a_running_job_in_headless_chromium() {
         2,
         "two ranks in the phase table"
     );
-    assert!(text_of(&dom, "skew").contains("slowest / median"));
+    assert!(text_of(&dom, "skew").contains("median / slowest speed"));
     assert!(
         dom.contains("Formed: generation 1, world: 2"),
         "the timeline"

@@ -789,3 +789,98 @@ fn reports_far_apart_keep_the_connection_and_the_generation() {
         "the run took {seconds:.1} s: too short to leave the connection idle past the keepalive"
     );
 }
+
+/// A CPU quota of `percent` of a core for the processes put in it (a cgroup: v1 `cpu` or v2
+/// `cpu.max`), removed on drop; none where cgroups cannot be made (not root).
+struct Quota(std::path::PathBuf);
+
+impl Quota {
+    fn new(percent: u64) -> Result<Self, String> {
+        let name = format!("axial-e2e-{}", std::process::id());
+        let v1 = Path::new("/sys/fs/cgroup/cpu");
+        let (dir, files) =
+            if v1.is_dir() && !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+                let d = v1.join(&name);
+                let files = vec![
+                    ("cpu.cfs_period_us", "100000".to_string()),
+                    ("cpu.cfs_quota_us", (percent * 1000).to_string()),
+                ];
+                (d, files)
+            } else {
+                let _ = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+cpu");
+                let d = Path::new("/sys/fs/cgroup").join(&name);
+                (d, vec![("cpu.max", format!("{} 100000", percent * 1000))])
+            };
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        let quota = Quota(dir);
+        for (f, v) in files {
+            std::fs::write(quota.0.join(f), v).map_err(|e| format!("{f}: {e}"))?;
+        }
+        Ok(quota)
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).expect("into the cgroup");
+    }
+}
+
+impl Drop for Quota {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `[train] rebalance`: one of two workers held to a quarter of a core. The coordinator
+/// measures both ranks' own work per step, splits the global batch by speed (the slow rank
+/// gets less) for a step both hear of first, and both plan the rest of the epoch again; the
+/// job finishes with every sample once per epoch and the replicas bit-identical.
+#[test]
+fn a_straggler_gets_less_of_the_batch_and_every_sample_is_seen_once() {
+    let quota = match Quota::new(25) {
+        Ok(q) => q,
+        Err(e) => {
+            println!("skipped: no CPU quota for the straggler ({e})");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let job = long_job().replace(
+        "log_every = 4",
+        "log_every = 2\nsync_bn = \"all\"\nrebalance = true",
+    );
+    std::fs::write(dir.join("job.toml"), job).expect("write");
+    std::fs::write(dir.join("token"), "a-test-token-of-enough-length").expect("write");
+    let port = free_port();
+    let (mut coordinator, lines) = serve(dir, port, false);
+    until(&lines, "listening on");
+    let fast = join(dir, port, 0);
+    let slow = join(dir, port, 1);
+    quota.add(slow.id());
+    let split = until(&lines, "the batch split by speed");
+    let decided = split.last().expect("a line").clone();
+    println!("{decided}");
+    for (i, mut w) in [fast, slow].into_iter().enumerate() {
+        wait_ok(&mut w, &format!("worker w{i}"));
+    }
+    wait_ok(&mut coordinator, "the coordinator");
+    // Rank 0 says where the split applies; the shares are for [w0's rank, w1's rank].
+    let logs: String = (0..2)
+        .map(|i| std::fs::read_to_string(dir.join(format!("w{i}.log"))).expect("log"))
+        .collect();
+    assert!(logs.contains("the batch split by speed"), "{logs}");
+    let shares: Vec<u64> = decided
+        .split('[')
+        .nth(1)
+        .and_then(|s| s.split(']').next())
+        .expect("shares")
+        .split(", ")
+        .map(|v| v.parse().expect("share"))
+        .collect();
+    assert_eq!(shares.iter().sum::<u64>(), 16, "{decided}");
+    assert_ne!(shares, [8, 8], "{decided}");
+    assert_finished_exactly_once(dir, 2);
+    let a = std::fs::read_to_string(dir.join("ckpt/replica-0.sha256")).expect("rank 0");
+    let b = std::fs::read_to_string(dir.join("ckpt/replica-1.sha256")).expect("rank 1");
+    assert_eq!(a, b, "replicas differ");
+}

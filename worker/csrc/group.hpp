@@ -44,10 +44,13 @@ inline void wait_work(const Group& g, const c10::intrusive_ptr<c10d::Work>& work
       if (std::chrono::steady_clock::now() - start > g.timeout) {
         throw std::runtime_error("collective did not complete within its timeout");
       }
-      if (spins < 2000) {
+      // A few yields for the short waits, then sleeps: a rank waiting for a slower peer (or
+      // for its own all-reduce) must not burn the CPU its loader threads, or under a CPU quota
+      // its own work, need (2,000 yields first made a waiting rank spin a core).
+      if (spins < 20) {
         std::this_thread::yield();
       } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(50));
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
       }
     }
   }

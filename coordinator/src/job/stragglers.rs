@@ -18,7 +18,11 @@ use super::*;
 pub const MAX_SHARE_FACTOR: u64 = 2;
 
 /// A new split is handed out only if it shortens the predicted step by this fraction.
-pub const MIN_GAIN: f64 = 0.05;
+pub const MIN_GAIN: f64 = 0.08;
+
+/// Each look's speeds count this much against the ones before (an exponential mean: one
+/// window's noise does not move the split back and forth).
+const SMOOTHING: f64 = 0.5;
 
 /// The running generation's split of the global batch: from the step after step count
 /// `from_step`, rank r trains on `samples[r]` samples of each step.
@@ -42,6 +46,8 @@ pub(super) struct Rebalancer {
     since: Option<(u64, u64)>,
     /// The step of the last look at the speeds (one look per `log_every` steps).
     looked: u64,
+    /// The speeds by rank, smoothed over the looks of this generation (samples per second).
+    smoothed: Vec<f64>,
 }
 
 /// A rank's speed, from its last report.
@@ -126,10 +132,9 @@ impl JobState {
             _ => {
                 // A new generation: the even split, measured from its first report on.
                 self.rebalancer = Rebalancer {
-                    shares: None,
-                    before: Vec::new(),
                     since: Some((generation, step)),
                     looked: step,
+                    ..Rebalancer::default()
                 };
                 return;
             }
@@ -147,6 +152,15 @@ impl JobState {
                 _ => return,
             }
         }
+        let smoothed = &mut self.rebalancer.smoothed;
+        if smoothed.len() == speeds.len() {
+            for (m, v) in smoothed.iter_mut().zip(&speeds) {
+                *m = (1.0 - SMOOTHING) * *m + SMOOTHING * v;
+            }
+        } else {
+            smoothed.clone_from(&speeds);
+        }
+        let speeds = smoothed.clone();
         let current = self.current_shares();
         let per_rank = self.per_rank();
         let split = split_by_speed(
