@@ -574,7 +574,7 @@ mod tests {
     #[test]
     fn shares_split_the_same_steps_and_change_mid_epoch_exactly_once() {
         let even = StepPlan::even(0, 3, 8, 103);
-        let shared = even.clone().with_shares(&[14, 7, 3]).unwrap();
+        let shared = even.clone().with_shares(&[14, 7, 3]).expect("shares");
         assert_eq!(shared.steps(), even.steps());
         let mut seen = vec![0u32; 103];
         // Steps 0 and 1 even, then the shares from the prefix the ledger says.
@@ -627,7 +627,7 @@ mod tests {
     #[test]
     fn shares_that_do_not_fit_the_group_are_refused() {
         let plan = StepPlan::even(0, 2, 8, 100);
-        let err = |s: &[u64]| plan.clone().with_shares(s).unwrap_err();
+        let err = |s: &[u64]| plan.clone().with_shares(s).expect_err("refused");
         assert!(err(&[16]).contains("1 batch shares for a group of 2"));
         assert!(err(&[16, 0]).contains("rank 1's batch share is 0"));
         assert!(err(&[9, 8]).contains("sum to 17, not the global batch 16"));

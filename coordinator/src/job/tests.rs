@@ -487,7 +487,10 @@ fn a_straggler_gets_a_smaller_share_of_the_batch() {
         panic!("group")
     };
     let g = assignment.generation;
-    let (fast, slow) = (s.rank_of("fast").unwrap(), s.rank_of("slow").unwrap());
+    let (fast, slow) = (
+        s.rank_of("fast").expect("rank"),
+        s.rank_of("slow").expect("rank"),
+    );
     // Both steps take 0.3 s: the fast rank works 0.1 s and waits 0.2 s; the slow one works
     // 0.3 s (data_wait, forward, backward, allreduce_wait, optimizer, sync_wait).
     let report = |step: u64, work: f64, wait: f64| Report {
@@ -521,7 +524,7 @@ fn a_straggler_gets_a_smaller_share_of_the_batch() {
     assert!(s.log.iter().any(|l| l.contains("the batch split by speed")));
     let status = s.status(at);
     assert_eq!(status.ranks[0].id, "slow");
-    assert!((status.straggler_ratio.unwrap() - 3.0).abs() < 1e-9);
+    assert!((status.straggler_ratio.expect("ratio") - 3.0).abs() < 1e-9);
     assert_eq!(status.batch_shares.as_ref(), Some(&shares));
     let text = status.prometheus();
     for needle in [
