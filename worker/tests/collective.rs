@@ -849,3 +849,65 @@ fn sharded_evaluation_equals_one_rank_evaluating_everything() {
         assert!((shared.loss - alone.loss).abs() <= 1e-6 * alone.loss.abs().max(1.0));
     }
 }
+
+/// Aborting a Gloo group cuts the group's own connections and nothing else of the process: a
+/// socket that another thread duplicated while the group was forming (a tokio runtime starting
+/// duplicates the process's signal self-pipe, a Unix socket all runtimes share) keeps working.
+/// Shutting that one down once ended every runtime of a worker with "EOF on self-pipe".
+#[test]
+fn aborting_a_group_cuts_only_its_own_connections() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if let Some(c) = child() {
+        let (mut sender, receiver) = UnixStream::pair().expect("socket pair");
+        let formed = Arc::new(AtomicBool::new(false));
+        let dups = {
+            let (formed, receiver) = (formed.clone(), receiver.try_clone().expect("dup"));
+            std::thread::spawn(move || {
+                let mut dups = Vec::new();
+                while !formed.load(Ordering::Relaxed) {
+                    dups.push(receiver.try_clone().expect("dup"));
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                dups
+            })
+        };
+        let pg = join(&c);
+        formed.store(true, Ordering::Relaxed);
+        let dups = dups.join().expect("dup thread");
+        pg.barrier().expect("barrier");
+        pg.abort();
+        let after = pg.allreduce_sum(&[Tensor::ones([4], (Kind::Float, Device::Cpu))]);
+        let wrote = sender.write_all(b"x");
+        let mut byte = [0u8; 1];
+        // A duplicate made while the group was forming (rank 0 waits there for rank 1 to start).
+        let dup = dups.last().unwrap_or(&receiver);
+        let read = match wrote {
+            Ok(()) => dup.try_clone().expect("dup").read(&mut byte),
+            Err(e) => Err(e),
+        };
+        std::fs::write(
+            c.out.join(format!("abort{}", c.rank)),
+            format!(
+                "{} dups\nall-reduce after abort: {}\nread from the pair: {read:?} {byte:?}",
+                dups.len(),
+                if after.is_err() {
+                    "failed"
+                } else {
+                    "succeeded"
+                }
+            ),
+        )
+        .expect("write");
+        drop(pg);
+        axial_worker::collective::exit(0);
+    }
+    let out = run_pair("aborting_a_group_cuts_only_its_own_connections");
+    for rank in 0..2 {
+        let text = std::fs::read_to_string(out.join(format!("abort{rank}"))).expect("report");
+        println!("rank {rank}: {text}");
+        assert!(text.contains("all-reduce after abort: failed"), "{text}");
+        assert!(text.contains("read from the pair: Ok(1) [120]"), "{text}");
+    }
+}

@@ -458,6 +458,43 @@ pub struct ProcessGroup {
     sockets: Vec<(i32, u64)>,
 }
 
+/// The sockets in `now` that are new since `before` and are TCP (IPv4 or IPv6): a group's
+/// connections to its peers. A new descriptor of a socket that was already open is not new: a
+/// runtime starting on another thread meanwhile duplicates its signal self-pipe (a Unix socket
+/// every tokio runtime of the process shares), and shutting that down on abort ended every
+/// runtime in the process ("EOF on self-pipe").
+fn opened_tcp_sockets(before: &[(i32, u64)], now: Vec<(i32, u64)>) -> Vec<(i32, u64)> {
+    now.into_iter()
+        .filter(|(_, inode)| !before.iter().any(|(_, old)| old == inode))
+        .filter(|&(fd, _)| is_tcp(fd))
+        .collect()
+}
+
+/// Whether `fd` is a TCP socket.
+#[allow(unsafe_code)]
+fn is_tcp(fd: i32) -> bool {
+    let option = |name: libc::c_int| {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt with an out-buffer of the right size; it only reads the socket's
+        // options (an fd that is no socket, or closed, fails with ENOTSOCK or EBADF).
+        let ok = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        } == 0;
+        ok.then_some(value)
+    };
+    matches!(
+        option(libc::SO_DOMAIN),
+        Some(libc::AF_INET | libc::AF_INET6)
+    ) && option(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
 /// This process's socket descriptors and their inodes (from /proc/self/fd).
 fn socket_inodes() -> Vec<(i32, u64)> {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
@@ -574,12 +611,10 @@ impl ProcessGroup {
                 )
             }
         })?;
-        // Gloo connects every pair before the constructor returns: what is new now is its own
-        // (another thread's socket caught here would only be made to reconnect by an abort).
-        let opened: Vec<(i32, u64)> = socket_inodes()
-            .into_iter()
-            .filter(|s| !before.contains(s))
-            .collect();
+        // Gloo connects every pair before the constructor returns: the TCP sockets new now are
+        // its own (another thread's connection caught here would only be made to reconnect by
+        // an abort).
+        let opened = opened_tcp_sockets(&before, socket_inodes());
         Ok(Self {
             ptr,
             rank,
