@@ -112,23 +112,12 @@ impl Barrier {
         step: u64,
         files: Vec<FileVote>,
     ) -> VoteOutcome {
+        if let Err(reason) = self.check(generation, step) {
+            return VoteOutcome::Refused(reason);
+        }
         let Some(p) = &mut self.pending else {
-            return VoteOutcome::Refused(format!(
-                "no checkpoint is pending (vote for step {step})"
-            ));
+            return VoteOutcome::Refused("no checkpoint is pending".into());
         };
-        if generation != p.generation {
-            return VoteOutcome::Refused(format!(
-                "vote from generation {generation}; the checkpoint belongs to generation {}",
-                p.generation
-            ));
-        }
-        if step != p.step {
-            return VoteOutcome::Refused(format!(
-                "vote for step {step}; the pending checkpoint is at step {}",
-                p.step
-            ));
-        }
         if rank >= p.world {
             return VoteOutcome::Refused(format!(
                 "rank {rank} is outside the world of {}",
@@ -148,6 +137,50 @@ impl Barrier {
             Some(r) => VoteOutcome::Complete(r),
             None => VoteOutcome::Refused("no checkpoint is pending".into()),
         }
+    }
+
+    /// Rank 0's vote standing for every rank of the generation (they all passed the group's
+    /// collective barrier at `step`): completes the pending checkpoint.
+    pub fn vote_for_group(
+        &mut self,
+        generation: u64,
+        step: u64,
+        files: Vec<FileVote>,
+    ) -> VoteOutcome {
+        if let Err(reason) = self.check(generation, step) {
+            return VoteOutcome::Refused(reason);
+        }
+        match self.pending.take() {
+            Some(mut p) => {
+                p.votes.insert(0, files);
+                VoteOutcome::Complete(ReadyToCommit {
+                    step: p.step,
+                    generation: p.generation,
+                    files: p.votes,
+                })
+            }
+            None => VoteOutcome::Refused("no checkpoint is pending".into()),
+        }
+    }
+
+    /// Whether a vote of `generation` for `step` belongs to the pending checkpoint.
+    fn check(&self, generation: u64, step: u64) -> Result<(), String> {
+        let Some(p) = &self.pending else {
+            return Err(format!("no checkpoint is pending (vote for step {step})"));
+        };
+        if generation != p.generation {
+            return Err(format!(
+                "vote from generation {generation}; the checkpoint belongs to generation {}",
+                p.generation
+            ));
+        }
+        if step != p.step {
+            return Err(format!(
+                "vote for step {step}; the pending checkpoint is at step {}",
+                p.step
+            ));
+        }
+        Ok(())
     }
 
     /// Abandons a checkpoint past its deadline.
@@ -206,6 +239,35 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(b.pending_step(), None);
+    }
+
+    #[test]
+    fn rank_0_voting_for_the_group_commits_alone() {
+        let mut b = Barrier::new();
+        b.request(100, 3, 10_000, 1000).expect("request");
+        assert!(
+            matches!(b.vote_for_group(2, 100, files(0)), VoteOutcome::Refused(m) if m.contains("generation 2"))
+        );
+        assert!(
+            matches!(b.vote_for_group(3, 90, files(0)), VoteOutcome::Refused(m) if m.contains("step 90"))
+        );
+        assert_eq!(
+            b.pending_step(),
+            Some(100),
+            "a refused vote leaves it pending"
+        );
+        match b.vote_for_group(3, 100, files(0)) {
+            VoteOutcome::Complete(r) => {
+                assert_eq!((r.step, r.generation), (100, 3));
+                assert_eq!(r.files.get(&0), Some(&files(0)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(b.pending_step(), None);
+        assert!(matches!(
+            b.vote_for_group(3, 100, files(0)),
+            VoteOutcome::Refused(m) if m.contains("no checkpoint is pending")
+        ));
     }
 
     #[test]

@@ -86,8 +86,9 @@ enum Command {
         #[command(flatten)]
         tls: ServerTls,
         /// Seconds without a heartbeat after which a worker is lost (and the group re-forms
-        /// without it). Workers send one every second from a thread of their own, whatever
-        /// training is doing, so a few seconds are enough.
+        /// without it; at least 3). Workers send one every second from a thread of their own,
+        /// whatever training is doing (skipped after a training heartbeat), so a few seconds
+        /// are enough.
         #[arg(long, default_value_t = 10)]
         heartbeat_timeout: u64,
         /// End and re-form a group whose step has not advanced for this many seconds, though
@@ -338,9 +339,11 @@ fn serve_cmd(
         min.is_none_or(|m| (1..=workers).contains(&m)),
         "--min must be between 1 and --workers ({workers})"
     );
+    // A live worker is heard from at least every 2 s (a liveness beat a second, skipped when
+    // a training heartbeat was answered within the second before it).
     anyhow::ensure!(
-        heartbeat_timeout >= 1,
-        "--heartbeat-timeout must be at least 1 second"
+        heartbeat_timeout >= 3,
+        "--heartbeat-timeout must be at least 3 seconds (a live worker may be silent for up to 2 s)"
     );
     anyhow::ensure!(
         vote_timeout >= 1,

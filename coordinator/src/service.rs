@@ -15,7 +15,7 @@ use axial_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::job::{Cast, JobState, Join, Report, StoreRefused};
+use crate::job::{Cast, JobState, Join, Report, StoreRefused, Voter};
 use crate::membership::HeartbeatReply as Hb;
 use crate::rendezvous::{Op, Outcome, StoreError};
 
@@ -389,7 +389,12 @@ impl Coordinator for Service {
                 })
                 .collect();
             let folder = (!r.folder.is_empty()).then(|| std::path::PathBuf::from(&r.folder));
-            state.cast_vote(rank, r.generation, pos, folder, files, now)
+            let voter = Voter {
+                rank,
+                generation: r.generation,
+                for_group: r.for_group,
+            };
+            state.cast_vote(voter, pos, folder, files, now)
         };
         let v = match cast {
             Cast::Done(v) => v,

@@ -3,10 +3,11 @@
 //! For each worker count N it starts a real coordinator (`serve`, this binary, in a process of
 //! its own) and N simulated workers in this process: real tonic clients speaking the real
 //! protocol with the job token, the way `axial-worker join` does it. Each worker joins
-//! (polling while it waits, as the worker does), then, once the group has formed, sends the
-//! liveness heartbeat every second and a training heartbeat per simulated step, and votes for
-//! a checkpoint every `checkpoint_every` steps (rank 0 writes the checkpoint's files and names
-//! them). A few workers fail (they stop heartbeating for longer than the heartbeat timeout and
+//! (polling while it waits, as the worker does), then, once the group has formed, sends a
+//! training heartbeat every `report_every` steps and the liveness heartbeat when a second has
+//! passed without either, and rank 0 votes for its group's checkpoint every `checkpoint_every`
+//! steps (it writes the checkpoint's files and names them; the other ranks, which the worker's
+//! collective barrier vouches for, send no vote). A few workers fail (they stop heartbeating for longer than the heartbeat timeout and
 //! join again as a restarted process): the generation ends and every worker joins again, as
 //! real ones do. At the end all leave.
 //!
@@ -460,6 +461,7 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
         let mut last_alive = Instant::now()
             .checked_sub(Duration::from_millis((index as u64 * 7919) % 1000))
             .unwrap_or_else(Instant::now);
+        let mut last_train: Option<Instant> = None;
         let mut step = resume_step;
         let mut reported = resume_step;
         let mut voted = resume_step;
@@ -501,18 +503,31 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
                 let t = Instant::now();
                 let r = client.heartbeat(axial_proto::deadline::call(req)).await;
                 s.time(2, t, &r);
+                if r.is_ok() {
+                    last_train = Some(Instant::now());
+                }
                 ended |= r
                     .as_ref()
                     .map_or_else(|e| e.code() == tonic::Code::NotFound, |r| r.get_ref().abort);
             }
-            // The checkpoint step every rank reaches (a late rank votes for the one it passed).
+            // The checkpoint step every rank reaches: rank 0 votes for the group, as the
+            // worker does after the group's collective barrier (a late rank 0 votes for the one
+            // it passed).
             let checkpoint = step - step % s.checkpoint_every;
-            if !ended && checkpoint > voted {
+            if !ended && rank == 0 && checkpoint > voted {
                 voted = checkpoint;
-                ended |= vote(&mut client, &s, &id, rank, generation, checkpoint).await;
+                ended |= vote(&mut client, &s, &id, generation, checkpoint).await;
             }
-            if !ended && last_alive.elapsed() >= Duration::from_secs(1) {
-                last_alive = Instant::now();
+            // As the worker's liveness thread does: a beat a second at its own phase, skipped
+            // when a training heartbeat was answered within the last second.
+            let beat = last_alive.elapsed() >= Duration::from_secs(1);
+            if beat {
+                last_alive += Duration::from_secs(1);
+                if last_alive.elapsed() >= Duration::from_secs(1) {
+                    last_alive = Instant::now(); // behind (a call that took long)
+                }
+            }
+            if !ended && beat && last_train.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 let req = HeartbeatRequest {
                     worker_id: id.clone(),
                     generation,
@@ -557,27 +572,16 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
     s.time(4, t, &r);
 }
 
-/// This rank's vote for the checkpoint at `step` (rank 0 writes its files first). Returns
+/// Rank 0's vote for its group's checkpoint at `step` (its files written first). Returns
 /// whether the generation ended (the vote was refused for a stale generation).
-async fn vote(
-    client: &mut Client,
-    s: &Shared,
-    id: &str,
-    rank: usize,
-    generation: u64,
-    step: u64,
-) -> bool {
-    let (folder, files) = if rank == 0 {
-        let folder = s.dir.join(checkpoint::folder_name(step));
-        match write_files(&folder) {
-            Ok(files) => (folder.display().to_string(), files),
-            Err(e) => {
-                eprintln!("simulate: cannot write {}: {e}", folder.display());
-                return false;
-            }
+async fn vote(client: &mut Client, s: &Shared, id: &str, generation: u64, step: u64) -> bool {
+    let folder = s.dir.join(checkpoint::folder_name(step));
+    let (folder, files) = match write_files(&folder) {
+        Ok(files) => (folder.display().to_string(), files),
+        Err(e) => {
+            eprintln!("simulate: cannot write {}: {e}", folder.display());
+            return false;
         }
-    } else {
-        (String::new(), Vec::new())
     };
     let pos = Position {
         step,
@@ -593,6 +597,7 @@ async fn vote(
         files,
         folder,
         position_json: serde_json::to_string(&pos).unwrap_or_default(),
+        for_group: true,
     };
     let sent = Instant::now();
     {

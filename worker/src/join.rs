@@ -121,6 +121,50 @@ impl Interceptor for Token {
 
 pub(crate) type Client = CoordinatorClient<InterceptedService<Channel, Token>>;
 
+/// The most a worker stays silent while it is alive: the liveness thread heartbeats when
+/// neither it nor the training loop has heard from the coordinator for this long.
+const LIVENESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Where in the second a worker's liveness beats fall in `generation`: spread over the
+/// second by a hash of its id.
+fn liveness_phase(worker_id: &str, generation: u64) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (worker_id, generation).hash(&mut h);
+    let every = LIVENESS_EVERY.as_millis() as u64;
+    Duration::from_millis(h.finish() % every)
+}
+
+/// When the coordinator last answered one of this worker's heartbeats (training or liveness),
+/// shared by the training thread and the liveness thread.
+struct Beat {
+    start: Instant,
+    /// Milliseconds after `start`, plus one (0: never).
+    at_ms: AtomicU64,
+}
+
+impl Beat {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            at_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self) {
+        let ms = self.start.elapsed().as_millis() as u64 + 1;
+        self.at_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether a heartbeat was answered within `window`.
+    fn within(&self, window: Duration) -> bool {
+        let at = self.at_ms.load(Ordering::Relaxed);
+        at != 0
+            && (self.start.elapsed().as_millis() as u64 + 1).saturating_sub(at)
+                < window.as_millis() as u64
+    }
+}
+
 /// The liveness thread of one generation. It heartbeats every second whatever the training
 /// thread is doing (computing, or blocked in a collective), so the coordinator can declare a
 /// worker lost within seconds when its process hangs, stops or dies. When the coordinator
@@ -138,6 +182,7 @@ struct Liveness {
 impl Liveness {
     fn start(session: &Session, step: Arc<AtomicU64>) -> Self {
         let terminate = session.terminate.clone();
+        let beat = session.beat.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(AtomicBool::new(false));
         let group: Arc<Mutex<Option<Arc<ProcessGroup>>>> = Arc::new(Mutex::new(None));
@@ -154,7 +199,27 @@ impl Liveness {
                     return;
                 };
                 let mut client: Option<Client> = None;
+                // Beats at this thread's own phase, once a second: a group's beats stay spread
+                // over the second (beats timed from the last training heartbeat would all land
+                // on the group's step boundaries, and a whole group hears of its formation at
+                // once). The first beat comes within a second of joining.
+                let mut slot = Instant::now() + liveness_phase(&worker_id, generation);
                 while !stop2.load(Ordering::Relaxed) {
+                    if Instant::now() < slot {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                    slot += LIVENESS_EVERY;
+                    if slot < Instant::now() {
+                        slot = Instant::now(); // behind (a call that took long): beat now
+                    }
+                    // A training heartbeat answered within the last second stands for this
+                    // one (at 10,000 workers each beat saved is load off the coordinator),
+                    // unless there is news (SIGTERM).
+                    let terminating = terminate.load(Ordering::Relaxed);
+                    if !terminating && beat.within(LIVENESS_EVERY) {
+                        continue;
+                    }
                     if client.is_none() {
                         client = rt
                             .block_on(endpoint.connect())
@@ -162,7 +227,7 @@ impl Liveness {
                             .map(|c| CoordinatorClient::with_interceptor(c, token.clone()));
                     }
                     if let Some(c) = client.as_mut() {
-                        let phase = if terminate.load(Ordering::Relaxed) {
+                        let phase = if terminating {
                             "terminating"
                         } else {
                             "alive"
@@ -176,7 +241,10 @@ impl Liveness {
                         };
                         let req = axial_proto::deadline::call(req);
                         let over = match rt.block_on(c.heartbeat(req)) {
-                            Ok(r) => r.get_ref().abort,
+                            Ok(r) => {
+                                beat.mark();
+                                r.get_ref().abort
+                            }
                             // A restarted coordinator does not know this generation.
                             Err(e) if e.code() == tonic::Code::NotFound => true,
                             Err(_) => {
@@ -195,12 +263,7 @@ impl Liveness {
                             return;
                         }
                     }
-                    for _ in 0..20 {
-                        if stop2.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             })
             .ok();
@@ -245,6 +308,8 @@ struct Session {
     patience: Duration,
     /// The last step reported (the liveness thread sends it too).
     step: Arc<AtomicU64>,
+    /// When the coordinator last answered a heartbeat of this worker.
+    beat: Arc<Beat>,
     /// The address this worker advertises for the collective's traffic.
     host: String,
     /// Set on SIGTERM.
@@ -402,6 +467,7 @@ impl Coordination for Session {
         };
         let reply =
             self.call(|mut c| async move { c.heartbeat(axial_proto::deadline::call(req)).await })?;
+        self.beat.mark();
         if reply.abort {
             return Err(Error::Regroup(format!(
                 "generation {} was aborted by the coordinator",
@@ -425,7 +491,7 @@ impl Coordination for Session {
         Ok(())
     }
 
-    fn vote(&mut self, pos: Position, folder: Option<&Path>, files: Vec<FileEntry>) -> Result<()> {
+    fn vote(&mut self, pos: Position, folder: &Path, files: Vec<FileEntry>) -> Result<()> {
         let req = VoteRequest {
             worker_id: self.worker_id.clone(),
             generation: self.generation,
@@ -440,8 +506,11 @@ impl Coordination for Session {
                     bytes: f.bytes,
                 })
                 .collect(),
-            folder: folder.map(|f| f.display().to_string()).unwrap_or_default(),
+            folder: folder.display().to_string(),
             position_json: serde_json::to_string(&pos).unwrap_or_default(),
+            // Only rank 0 votes, after the group's collective barrier at this step (see
+            // train::checkpointer::checkpoint_at).
+            for_group: true,
         };
         let reply = match self
             .call(|mut c| async move { c.vote(axial_proto::deadline::call(req)).await })
@@ -599,6 +668,7 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         changes: Vec::new(),
         patience: Duration::from_secs(args.wait_coordinator),
         step: Arc::new(AtomicU64::new(0)),
+        beat: Arc::new(Beat::new()),
         host: advertised.host.clone(),
         terminate,
         drain_at: None,

@@ -10,6 +10,36 @@ pub struct VoteResult {
     pub reason: String,
 }
 
+/// Who votes: the rank (from the membership), its generation, and whether rank 0 votes for
+/// every rank of the generation (`VoteRequest.for_group`: they passed the group's collective
+/// barrier at the step, so they send no vote of their own).
+#[derive(Debug, Clone, Copy)]
+pub struct Voter {
+    pub rank: usize,
+    pub generation: u64,
+    pub for_group: bool,
+}
+
+impl Voter {
+    /// A rank voting for itself.
+    pub fn rank(rank: usize, generation: u64) -> Self {
+        Self {
+            rank,
+            generation,
+            for_group: false,
+        }
+    }
+
+    /// Rank 0 voting for its whole group.
+    pub fn group(generation: u64) -> Self {
+        Self {
+            rank: 0,
+            generation,
+            for_group: true,
+        }
+    }
+}
+
 /// What a vote came to: its reply, or a commit to write first.
 #[derive(Debug)]
 pub enum Cast {
@@ -47,14 +77,13 @@ impl JobState {
     /// [`JobState::cast_vote`], [`PendingCommit::write`] and [`JobState::finish_commit`]).
     pub fn vote(
         &mut self,
-        rank: usize,
-        generation: u64,
+        voter: Voter,
         pos: Position,
         folder: Option<PathBuf>,
         files: Vec<FileEntry>,
         now: u64,
     ) -> VoteResult {
-        match self.cast_vote(rank, generation, pos, folder, files, now) {
+        match self.cast_vote(voter, pos, folder, files, now) {
             Cast::Done(v) => v,
             Cast::Commit(c) => {
                 let written = c.write();
@@ -67,13 +96,17 @@ impl JobState {
     /// to write (then [`JobState::finish_commit`]).
     pub fn cast_vote(
         &mut self,
-        rank: usize,
-        generation: u64,
+        voter: Voter,
         pos: Position,
         folder: Option<PathBuf>,
         files: Vec<FileEntry>,
         now: u64,
     ) -> Cast {
+        let Voter {
+            rank,
+            generation,
+            for_group,
+        } = voter;
         let refused = |reason: String| {
             Cast::Done(VoteResult {
                 accepted: false,
@@ -86,6 +119,9 @@ impl JobState {
                 "stale generation {generation} (running: {})",
                 self.membership.generation()
             ));
+        }
+        if for_group && rank != 0 {
+            return refused(format!("rank {rank} votes for the group; only rank 0 does"));
         }
         if let Err(reason) = self.check_vote_files(rank, pos.step, folder.as_deref(), &files) {
             self.log.push(format!(
@@ -116,7 +152,12 @@ impl JobState {
                 bytes: f.bytes,
             })
             .collect();
-        match self.barrier.vote(rank, generation, pos.step, votes) {
+        let outcome = if for_group {
+            self.barrier.vote_for_group(generation, pos.step, votes)
+        } else {
+            self.barrier.vote(rank, generation, pos.step, votes)
+        };
+        match outcome {
             VoteOutcome::Recorded => Cast::Done(VoteResult {
                 accepted: true,
                 committed: false,

@@ -46,7 +46,7 @@ mod stragglers;
 #[cfg(test)]
 mod tests;
 
-pub use commits::{Cast, MAX_COMMIT_FAILURES, PendingCommit, VoteResult};
+pub use commits::{Cast, MAX_COMMIT_FAILURES, PendingCommit, VoteResult, Voter};
 pub use hyperparameters::MAX_CHANGES;
 use persistence::Saved;
 pub use persistence::{finished_at, state_file};

@@ -58,12 +58,12 @@ fn votes_naming_other_folders_or_files_and_strangers_leaving_are_refused() {
         (good.clone(), renamed("/etc/passwd"), "are not"),
         (good.clone(), files[..3].to_vec(), "are not"),
     ] {
-        let v = s.vote(0, g, pos, Some(folder.clone()), files, 5);
+        let v = s.vote(Voter::rank(0, g), pos, Some(folder.clone()), files, 5);
         assert!(!v.accepted && v.reason.contains(why), "{folder:?}: {v:?}");
     }
     assert!(s.log.iter().any(|l| l.contains("refused a vote")));
     assert!(!good.join("manifest.json").exists());
-    let v = s.vote(0, g, pos, Some(good.clone()), files, 6);
+    let v = s.vote(Voter::rank(0, g), pos, Some(good.clone()), files, 6);
     assert!(v.committed, "{v:?}");
     // A leave for an id that is no member does nothing; the member is still running.
     s.leave("stranger", true, "", 7);
@@ -116,15 +116,15 @@ fn votes_commit_and_status_reports() {
     };
     let ra = s.rank_of("a").expect("rank");
     let rb = s.rank_of("b").expect("rank");
-    let first = s.vote(ra, g, pos, Some(folder.clone()), files, 20);
+    let first = s.vote(Voter::rank(ra, g), pos, Some(folder.clone()), files, 20);
     assert!(first.accepted && !first.committed);
     assert!(
         !folder.join("manifest.json").exists(),
         "not committed before every rank voted"
     );
-    let stale = s.vote(rb, g + 1, pos, None, Vec::new(), 25);
+    let stale = s.vote(Voter::rank(rb, g + 1), pos, None, Vec::new(), 25);
     assert!(!stale.accepted);
-    let last = s.vote(rb, g, pos, None, Vec::new(), 30);
+    let last = s.vote(Voter::rank(rb, g), pos, None, Vec::new(), 30);
     assert!(last.committed, "{last:?}");
     let manifest = axial_common::checkpoint::verify(&folder).expect("committed and verified");
     assert_eq!(
@@ -155,6 +155,66 @@ fn votes_commit_and_status_reports() {
 /// hearing of the change, refuses earlier ones and bad values, records the changes in the
 /// next manifest, and a coordinator restarted on the saved state keeps them, counts the
 /// restart and goes on with newer generations.
+#[test]
+fn rank_0_votes_for_its_group_in_one_call() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let members = MembershipConfig {
+        min: 2,
+        max: 2,
+        settle_ms: 100,
+        timeout_ms: 10_000,
+    };
+    let mut s = JobState::new(job(tmp.path()), members, false);
+    s.join("a", 1, None, 0);
+    let Join::Assigned { assignment, .. } = s.join("b", 1, None, 0) else {
+        panic!("group")
+    };
+    let g = assignment.generation;
+    let folder = tmp.path().join("ckpt-0000000012");
+    let files = checkpoint_files(&folder);
+    let pos = Position {
+        step: 12,
+        consumed: 96,
+        samples_seen: 96,
+        loss_scale: 1.0,
+        ..Position::default()
+    };
+    let (ra, rb) = (s.rank_of("a").expect("rank"), s.rank_of("b").expect("rank"));
+    let (zero, other) = if ra == 0 { (ra, rb) } else { (rb, ra) };
+    assert_eq!(zero, 0);
+    let refused = s.vote(
+        Voter {
+            rank: other,
+            generation: g,
+            for_group: true,
+        },
+        pos,
+        None,
+        Vec::new(),
+        10,
+    );
+    assert!(
+        !refused.accepted && refused.reason.contains("only rank 0"),
+        "{refused:?}"
+    );
+    let stale = s.vote(
+        Voter::group(g + 1),
+        pos,
+        Some(folder.clone()),
+        files.clone(),
+        11,
+    );
+    assert!(
+        !stale.accepted && !folder.join("manifest.json").exists(),
+        "{stale:?}"
+    );
+    let v = s.vote(Voter::group(g), pos, Some(folder.clone()), files, 12);
+    assert!(v.accepted && v.committed, "{v:?}");
+    let manifest = axial_common::checkpoint::verify(&folder).expect("committed and verified");
+    assert_eq!((manifest.step, manifest.world), (12, 2));
+    assert_eq!(s.status(20).committed.expect("committed").step, 12);
+}
+
 #[test]
 fn changes_are_scheduled_recorded_and_survive_a_restart() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -203,8 +263,7 @@ fn changes_are_scheduled_recorded_and_survive_a_restart() {
         ..Position::default()
     };
     let v = s.vote(
-        0,
-        assignment.generation,
+        Voter::rank(0, assignment.generation),
         pos,
         Some(folder.clone()),
         files,
@@ -274,7 +333,7 @@ fn failed_commits_are_refused_shown_and_stop_the_job_when_they_persist() {
             loss_scale: 1.0,
             ..Position::default()
         };
-        let v = s.vote(0, g, pos, Some(folder), files, 10 * step);
+        let v = s.vote(Voter::rank(0, g), pos, Some(folder), files, 10 * step);
         assert!(!v.accepted && !v.committed, "{v:?}");
         assert!(v.reason.contains("commit failed"), "{v:?}");
         let status = s.status(10 * step);
@@ -430,7 +489,13 @@ fn a_drain_right_after_a_resume_lies_past_the_committed_step() {
         ..Position::default()
     };
     s.record_progress("a", 40, 1.0, 100.0, 5);
-    let v = s.vote(0, assignment.generation, pos, Some(folder), files, 6);
+    let v = s.vote(
+        Voter::rank(0, assignment.generation),
+        pos,
+        Some(folder),
+        files,
+        6,
+    );
     assert!(v.committed, "{v:?}");
     // The worker restarts: a new generation, resuming from step 40, no report yet.
     let Join::Assigned { resume, .. } = s.join("a", 2, None, 10) else {

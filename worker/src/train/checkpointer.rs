@@ -12,10 +12,12 @@ use crate::metrics::WorkerMetrics;
 use crate::model::Model;
 
 /// The checkpoint at `pos`. Alone, the writer writes and commits it off this thread. In a
-/// group, rank 0's writer writes the files, and rank 0 votes for them once written (every other
-/// rank votes now); a barrier first makes sure rank 0 has voted for the previous checkpoint
-/// before anyone votes for this one (the coordinator runs one checkpoint barrier at a time).
-/// Returns the folder of a previous checkpoint that finished meanwhile.
+/// group, every rank passes a collective barrier here: it proves to rank 0 that the whole
+/// group reached this step (rank 0 has also voted for the previous checkpoint by then: the
+/// coordinator runs one checkpoint at a time). Rank 0's writer then writes the files, and rank
+/// 0 votes for them, for the group, once written; the other ranks send nothing (one vote per
+/// checkpoint instead of one per rank). Returns the folder of a previous checkpoint that
+/// finished meanwhile.
 pub(crate) fn checkpoint_at(
     model: &Model,
     optimizer: &Optimizer,
@@ -41,8 +43,6 @@ pub(crate) fn checkpoint_at(
             d.group.barrier()?;
             if rank == 0 {
                 writer.start(snapshot())?;
-            } else {
-                d.coordination.vote(pos, None, Vec::new())?;
             }
             Ok(previous)
         }
@@ -57,7 +57,7 @@ pub(crate) fn written(
 ) -> Result<PathBuf> {
     metrics.checkpoint_seconds.record(w.seconds);
     if let Some(d) = dist {
-        d.coordination.vote(w.pos, Some(&w.folder), w.files)?;
+        d.coordination.vote(w.pos, &w.folder, w.files)?;
     }
     Ok(w.folder)
 }

@@ -21,9 +21,10 @@ use crate::metrics::WorkerMetrics;
 pub trait Coordination {
     /// Progress; an error ends the run (the generation was aborted, the job stopped).
     fn heartbeat(&mut self, report: &Report) -> Result<()>;
-    /// This rank's vote for the checkpoint at `pos`; rank 0 passes the folder it wrote and
-    /// its files.
-    fn vote(&mut self, pos: Position, folder: Option<&Path>, files: Vec<FileEntry>) -> Result<()>;
+    /// Rank 0's vote, for its whole group, for the checkpoint at `pos`: the folder it wrote
+    /// and its files. Every rank passed the group's collective barrier at `pos.step` before
+    /// rank 0 took the snapshot, so the other ranks send no vote.
+    fn vote(&mut self, pos: Position, folder: &Path, files: Vec<FileEntry>) -> Result<()>;
     /// Every hyperparameter change the coordinator has accepted so far (the same list on
     /// every rank; each change says the step it applies from).
     fn changes(&self) -> &[HyperParameterChange] {
