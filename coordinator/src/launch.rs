@@ -139,11 +139,10 @@ pub async fn serve(
         }
     };
     // Connections from workers that stopped answering (a dead host, a cut link) are closed
-    // within seconds.
+    // within seconds (HTTP/2 pings; TCP keepalive as well).
     let mut server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(axial_proto::deadline::KEEPALIVE))
-        .http2_keepalive_timeout(Some(axial_proto::deadline::KEEPALIVE_TIMEOUT))
-        .tcp_keepalive(Some(axial_proto::deadline::KEEPALIVE));
+        .http2_keepalive_timeout(Some(axial_proto::deadline::KEEPALIVE_TIMEOUT));
     if let Some(tls) = opts.tls {
         server = server.tls_config(tls).context("TLS configuration")?;
         eprintln!("coordinator: gRPC over TLS");
@@ -153,7 +152,7 @@ pub async fn serve(
             service,
             authenticate(opts.token),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(accepted(listener), shutdown)
         .await?;
     if let Some(why) = failed.lock().unwrap_or_else(|e| e.into_inner()).failed() {
         bail!("the job stopped: {why}");
@@ -416,4 +415,24 @@ pub fn default_worker_bin() -> PathBuf {
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("axial-worker")))
         .unwrap_or_else(|| PathBuf::from("axial-worker"))
+}
+
+/// The listener's connections, each with Nagle's algorithm off and TCP keepalive on. A server
+/// fed its own listener (`serve_with_incoming*`) ignores the builder's `tcp_nodelay` and
+/// `tcp_keepalive`: with Nagle on, a reply written while the previous one was unacknowledged
+/// waited for the worker's delayed ACK, up to 40 ms (the p99 of heartbeats at 1,000 simulated
+/// workers was 47 ms, at 100 workers 2 ms).
+fn accepted(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        // Both only tune a connection that works either way (a peer already gone fails here
+        // and at its first read alike).
+        let _ = conn.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(axial_proto::deadline::KEEPALIVE);
+        let _ = socket2::SockRef::from(&conn).set_tcp_keepalive(&keepalive);
+        Ok(conn)
+    })
 }
