@@ -1,6 +1,7 @@
 //! Gradient all-reduce across 2 local processes (Gloo over loopback, through libtorch c10d):
-//! the bucketed DDP path (~25 MB buckets, reverse parameter order) against one raw coalesced
-//! all-reduce of a flat buffer of the same size, for the gradients of axial26s and axial50s
+//! the bucketed DDP path (~25 MB buckets, reverse parameter order; gradients as separate
+//! tensors, and as training places them, in their bucket's storage) against one all-reduce of
+//! a flat buffer of the same size, for the gradients of axial26s and axial50s
 //! (224 px, 1000 classes), and the share of a training step it would take. Then whole
 //! data-parallel steps on both ranks (64 px, batch 16 per rank, synchronized attention batch
 //! norm), with the gradient all-reduce after backward against overlapped with it (hooks).
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use axial_common::ModelConfig;
 use axial_common::job::SyncBn;
-use axial_worker::collective::ddp::{BUCKET_BYTES, allreduce_gradients, buckets};
+use axial_worker::collective::ddp::{BUCKET_BYTES, allreduce_gradients, buckets, into_buckets};
 use axial_worker::collective::reducer::Reducer;
 use axial_worker::collective::{Local, ProcessGroup, Store};
 use axial_worker::model::batch_norm::SyncContext;
@@ -74,20 +75,31 @@ fn run(rank: usize, port: u16, iters: usize) {
     if rank == 0 {
         println!("2 processes, Gloo over loopback, median of {iters}");
         println!(
-            "| model | gradient MB | buckets | bucketed ms | bucketed GB/s | flat ms | flat GB/s | train step ms (64 px, b16) | all-reduce share |"
+            "| model | gradient MB | buckets | bucketed, separate tensors ms | bucketed, in bucket storage ms | bucketed GB/s | flat ms | flat GB/s | bucketed / flat | train step ms (64 px, b16) | all-reduce share |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
     }
     for arch in ["axial26s", "axial50s"] {
         let grads = grads_like(arch);
         let bytes: usize = grads.iter().map(|t| t.numel() * 4).sum();
         let flat = Tensor::zeros([(bytes / 4) as i64], (Kind::Float, Device::Cpu));
+        // As training places them (Optimizer::bucket_grads): in their bucket's storage.
+        let placed: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
+        into_buckets(&placed, BUCKET_BYTES);
+        let mut separate = Vec::new();
         let mut bucketed = Vec::new();
         let mut raw = Vec::new();
         for i in 0..iters + 2 {
             let _ = pg.barrier();
             let t = Instant::now();
             if let Err(e) = allreduce_gradients(&pg, &grads, BUCKET_BYTES) {
+                eprintln!("allreduce bench: {e}");
+                std::process::exit(1);
+            }
+            let s = t.elapsed().as_secs_f64();
+            let _ = pg.barrier();
+            let t = Instant::now();
+            if let Err(e) = allreduce_gradients(&pg, &placed, BUCKET_BYTES) {
                 eprintln!("allreduce bench: {e}");
                 std::process::exit(1);
             }
@@ -100,6 +112,7 @@ fn run(rank: usize, port: u16, iters: usize) {
             }
             let f = t.elapsed().as_secs_f64();
             if i >= 2 {
+                separate.push(s);
                 bucketed.push(b);
                 raw.push(f);
             }
@@ -129,16 +142,18 @@ fn run(rank: usize, port: u16, iters: usize) {
         };
         let _ = pg.barrier();
         if rank == 0 {
-            let (b, f) = (median(bucketed), median(raw));
+            let (s, b, f) = (median(separate), median(bucketed), median(raw));
             let gb = bytes as f64 / 1e9;
             println!(
-                "| {arch} | {:.1} | {} | {:.1} | {:.2} | {:.1} | {:.2} | {step_ms:.0} | {:.0}% |",
+                "| {arch} | {:.1} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2}x | {step_ms:.0} | {:.0}% |",
                 bytes as f64 / 1e6,
                 buckets(&grads, BUCKET_BYTES).len(),
+                s * 1e3,
                 b * 1e3,
                 gb / b,
                 f * 1e3,
                 gb / f,
+                b / f,
                 100.0 * b * 1e3 / (step_ms + b * 1e3)
             );
         }
@@ -176,6 +191,7 @@ fn overlap_table(pg: &std::sync::Arc<ProcessGroup>, rank: usize, iters: usize) {
             .set_sync_bn(Some(SyncContext::new(pg.clone())), SyncBn::Attention);
         let mut opt = recipe_sgd(&model);
         opt.define_grads();
+        opt.bucket_grads(BUCKET_BYTES);
         let reducer =
             Reducer::new(pg.clone(), &opt.params(), BUCKET_BYTES).unwrap_or_else(|e| fail(e));
         tch::manual_seed(rank as i64);

@@ -36,6 +36,20 @@ std::vector<at::Tensor> gather(at::Tensor** tensors, int n) {
 // plain torch errors, and the worker must still know a collective failed.
 void sum_coalesced(const Group& g, std::vector<at::Tensor>& ts) {
   try {
+    // One tensor, or parts of one buffer lying back to back (gradients in their bucket's
+    // storage): a plain all-reduce of it, in place. Otherwise the coalesced all-reduce, which
+    // copies the tensors into a flat buffer and back.
+    auto flat = ts.size() == 1 ? ts[0] : axial::flat_alias(ts);
+    if (flat.defined() && flat.is_contiguous()) {
+      std::vector<at::Tensor> one{flat};
+      on_device(g, one, [&](std::vector<at::Tensor>& xs) {
+        c10d::AllreduceOptions opts;
+        opts.reduceOp = c10d::ReduceOp::SUM;
+        opts.timeout = g.timeout;
+        axial::wait_work(g, g.pg->allreduce(xs, opts));
+      });
+      return;
+    }
     on_device(g, ts, [&](std::vector<at::Tensor>& xs) {
       c10d::AllreduceCoalescedOptions opts;
       opts.reduceOp = c10d::ReduceOp::SUM;

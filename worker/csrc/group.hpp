@@ -81,6 +81,29 @@ void on_device(const Group& g, std::vector<at::Tensor>& ts, F&& run) {
   for (size_t i = 0; i < ts.size(); ++i) ts[i].copy_(host[i]);
 }
 
+// `parts` as one 1-D tensor over the same memory, when they lie back to back in one storage,
+// in order, each contiguous, of one dtype and device (gradients placed in their bucket's
+// storage, see collective::ddp::into_buckets); else an undefined tensor. A collective on it
+// sums the parts in place: no copy into a flat buffer and back.
+inline at::Tensor flat_alias(const std::vector<at::Tensor>& parts) {
+  if (parts.empty()) return {};
+  const auto& first = parts[0];
+  if (!first.defined() || !first.has_storage()) return {};
+  int64_t offset = first.storage_offset();
+  int64_t total = 0;
+  for (const auto& t : parts) {
+    if (!t.defined() || !t.has_storage() || !t.is_contiguous() || t.scalar_type() != first.scalar_type() ||
+        t.device() != first.device() || !t.storage().is_alias_of(first.storage()) ||
+        t.storage_offset() != offset + total) {
+      return {};
+    }
+    total += t.numel();
+  }
+  auto flat = at::empty({0}, first.options());
+  flat.set_(first.storage(), offset, {total}, {1});
+  return flat;
+}
+
 // Runs `f`, turning any exception into an error text and a non-zero return: nothing throws
 // across the C ABI.
 template <typename F>

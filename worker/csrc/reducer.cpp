@@ -1,8 +1,10 @@
 // Gradient all-reduce overlapped with the backward pass, as PyTorch DDP's Reducer does it:
 // a post-accumulate-grad hook on every parameter counts down its bucket; when a bucket's last
-// gradient is in, the bucket is flattened and its all-reduce starts (asynchronously) while
-// autograd goes on computing the earlier layers' gradients. `finish` waits for every bucket
-// (starting any whose gradients never came, e.g. unused parameters) and copies the sums back.
+// gradient is in, the bucket's all-reduce starts (asynchronously) while autograd goes on
+// computing the earlier layers' gradients. `finish` waits for every bucket (starting any whose
+// gradients never came, e.g. unused parameters). Gradients placed in their bucket's storage
+// (collective::ddp::into_buckets, as training does) are reduced in place; others are
+// flattened into a buffer first and the sums copied back.
 //
 // Buckets start strictly in index order on every rank (a ready bucket waits for the ones
 // before it), so the ranks issue their collectives in the same order whatever order autograd
@@ -26,6 +28,7 @@ struct Reducer {
   std::vector<size_t> bucket_of;
   std::vector<size_t> remaining;
   std::vector<at::Tensor> flat;  // the bucket's buffer being reduced (host copy under Gloo + CUDA)
+  std::vector<bool> in_place;    // the buffer is the gradients' own storage: nothing to copy back
   std::vector<c10::intrusive_ptr<c10d::Work>> works;
   size_t next = 0;  // the next bucket to start
   size_t started_in_backward = 0;  // of the last finished step: buckets the hooks started
@@ -36,20 +39,32 @@ struct Reducer {
     for (size_t b = 0; b < buckets.size(); ++b) remaining[b] = buckets[b].size();
     works.assign(buckets.size(), {});
     flat.assign(buckets.size(), at::Tensor());
+    in_place.assign(buckets.size(), false);
     next = 0;
   }
 
   // Starts bucket `b`'s all-reduce (the caller holds `mu`).
   void start(size_t b) {
     at::NoGradGuard no_grad;
-    std::vector<at::Tensor> parts;
-    parts.reserve(buckets[b].size());
-    for (size_t i : buckets[b]) {
-      auto g = params[i].grad();
-      parts.push_back(g.defined() ? g.reshape({-1}) : at::zeros({params[i].numel()}, params[i].options()));
+    std::vector<at::Tensor> grads;
+    grads.reserve(buckets[b].size());
+    for (size_t i : buckets[b]) grads.push_back(params[i].grad());
+    // Gradients in their bucket's storage (collective::ddp::into_buckets): reduced in place.
+    auto buffer = axial::flat_alias(grads);
+    in_place[b] = buffer.defined();
+    if (!in_place[b]) {
+      std::vector<at::Tensor> parts;
+      parts.reserve(grads.size());
+      for (size_t k = 0; k < grads.size(); ++k) {
+        const auto& p = params[buckets[b][k]];
+        parts.push_back(grads[k].defined() ? grads[k].reshape({-1}) : at::zeros({p.numel()}, p.options()));
+      }
+      buffer = at::cat(parts);
     }
-    auto buffer = at::cat(parts);
-    if (group->host_staging && buffer.is_cuda()) buffer = buffer.to(at::kCPU);
+    if (group->host_staging && buffer.is_cuda()) {
+      buffer = buffer.to(at::kCPU);
+      in_place[b] = false;
+    }
     flat[b] = buffer;
     std::vector<at::Tensor> ts{buffer};
     c10d::AllreduceOptions opts;
@@ -89,6 +104,7 @@ struct Reducer {
     at::NoGradGuard no_grad;
     for (size_t b = 0; b < buckets.size(); ++b) {
       axial::wait_work(*group, works[b]);
+      if (in_place[b]) continue;
       int64_t offset = 0;
       for (size_t i : buckets[b]) {
         auto g = params[i].grad();

@@ -613,7 +613,19 @@ fn overlapped_allreduce_equals_allreduce_after_backward() {
         let opt = Optimizer::new(&Default::default(), params(&model));
         opt.define_grads();
         let reducer = Reducer::new(pg.clone(), &opt.params(), 64 * 1024).expect("reducer");
+        // The same model with its gradients in their buckets' storage, as training places them
+        // (reduced in place, no flattening): the same sums, bit for bit.
+        let placed_model = tiny_model(11);
+        placed_model
+            .net
+            .set_sync_bn(Some(ctx.clone()), SyncBn::Attention);
+        let placed = Optimizer::new(&Default::default(), params(&placed_model));
+        placed.define_grads();
+        placed.bucket_grads(64 * 1024);
+        let placed_reducer =
+            Reducer::new(pg.clone(), &placed.params(), 64 * 1024).expect("reducer");
         let mut worst = 0.0f64;
+        let mut worst_placed = 0.0f64;
         for step in 0..2 {
             tch::manual_seed(40 + step + 10 * c.rank as i64);
             let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
@@ -637,23 +649,39 @@ fn overlapped_allreduce_equals_allreduce_after_backward() {
             for (a, b) in overlapped.iter().zip(&grads) {
                 worst = worst.max((a - b).abs().max().double_value(&[]));
             }
+            // In bucket storage: overlapped, then after backward.
+            placed.zero_grad();
+            placed_reducer.arm();
+            cross_entropy(&placed_model.net.forward_t(&x, true), &y).backward();
+            placed_reducer.finish().expect("finish");
+            let in_place: Vec<Tensor> = placed.grads().iter().map(Tensor::copy).collect();
+            placed.zero_grad();
+            cross_entropy(&placed_model.net.forward_t(&x, true), &y).backward();
+            allreduce_gradients(&pg, &placed.grads(), 64 * 1024).expect("gradients");
+            for ((a, b), c) in overlapped.iter().zip(&in_place).zip(&placed.grads()) {
+                worst_placed = worst_placed.max((a - b).abs().max().double_value(&[]));
+                worst_placed = worst_placed.max((a - c).abs().max().double_value(&[]));
+            }
         }
         assert!(ctx.take_error().is_none());
         std::fs::write(
             c.out.join(format!("overlap{}", c.rank)),
-            format!("{worst:e}"),
+            format!("{worst:e} {worst_placed:e}"),
         )
         .expect("write");
         return;
     }
     let out = run_pair("overlapped_allreduce_equals_allreduce_after_backward");
     for r in 0..2 {
-        let worst: f64 = std::fs::read_to_string(out.join(format!("overlap{r}")))
-            .expect("report")
-            .parse()
-            .expect("f64");
-        println!("rank {r}: overlapped vs after backward, max |diff| = {worst:e}");
+        let text = std::fs::read_to_string(out.join(format!("overlap{r}"))).expect("report");
+        let (worst, placed) = text.split_once(' ').expect("two numbers");
+        let (worst, placed): (f64, f64) =
+            (worst.parse().expect("f64"), placed.parse().expect("f64"));
+        println!(
+            "rank {r}: overlapped vs after backward, max |diff| = {worst:e}; gradients in bucket storage vs separate: {placed:e}"
+        );
         assert_eq!(worst, 0.0, "rank {r}");
+        assert_eq!(placed, 0.0, "rank {r}: in bucket storage");
     }
 }
 

@@ -86,6 +86,19 @@ impl Optimizer {
         }
     }
 
+    /// Places the (defined) gradients in one buffer per all-reduce bucket
+    /// ([`crate::collective::ddp::into_buckets`]): each bucket is then all-reduced in place.
+    pub fn bucket_grads(&self, bucket_bytes: usize) {
+        let grads = self
+            .params
+            .iter()
+            .map(|p| p.tensor.grad())
+            .collect::<Vec<_>>();
+        if grads.iter().all(Tensor::defined) {
+            crate::collective::ddp::into_buckets(&grads, bucket_bytes);
+        }
+    }
+
     /// The gradients, for clipping and all-reduce.
     pub fn grads(&self) -> Vec<Tensor> {
         self.params

@@ -417,6 +417,7 @@ fn join_group(
             .collect::<Vec<_>>(),
     )?;
     optimizer.define_grads();
+    optimizer.bucket_grads(BUCKET_BYTES);
     let ctx = SyncContext::new(d.group.clone());
     model.net.set_sync_bn(Some(ctx.clone()), job.train.sync_bn);
     Ok((job.train.sync_bn != SyncBn::None).then_some(ctx))
