@@ -215,8 +215,8 @@ mod tests {
         let vs = nn::VarStore::new(tch::Device::Cpu);
         let (rows, plain) = (norm(&vs, "a"), norm(&vs, "b"));
         tch::no_grad(|| {
-            let _ = plain.weight.shallow_clone().copy_(&rows.weight);
-            let _ = plain.bias.shallow_clone().copy_(&rows.bias);
+            plain.weight.shallow_clone().copy_(&rows.weight);
+            plain.bias.shallow_clone().copy_(&rows.bias);
         });
         for shape in [vec![5i64, 6, 3], vec![4, 6, 2, 2]] {
             let x = (Tensor::randn(shape.as_slice(), tch::kind::FLOAT_CPU) * 3.0 + 1.0)
