@@ -197,12 +197,10 @@ mod tests {
     fn norm(vs: &nn::VarStore, name: &str) -> BatchNorm {
         let bn = BatchNorm::new(vs.root() / name, 6, false);
         tch::no_grad(|| {
-            let _ = bn
-                .weight
+            bn.weight
                 .shallow_clone()
                 .copy_(&Tensor::randn([6], tch::kind::FLOAT_CPU));
-            let _ = bn
-                .bias
+            bn.bias
                 .shallow_clone()
                 .copy_(&Tensor::randn([6], tch::kind::FLOAT_CPU));
         });
