@@ -133,6 +133,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    axial_worker::keep_freed_memory();
     tch::set_num_threads(args.threads);
     if args.amp != Precision::Fp32 {
         if !args.device.is_cuda() {

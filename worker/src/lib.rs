@@ -30,3 +30,20 @@ pub mod rendezvous;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// Keeps freed memory in the process for the next step: glibc otherwise returns a step's big
+/// activation buffers to the kernel (its trim threshold) and the next step faults every page
+/// in again, zeroed (`clear_page`: 3.5% of a 64 px CPU step in the profile; the step about 10%
+/// faster without it, the peak RSS unchanged). Call once at start, before the first tensor.
+/// A `GLIBC_TUNABLES` that sets malloc's own thresholds wins.
+#[allow(unsafe_code)]
+pub fn keep_freed_memory() {
+    let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc."));
+    if !tuned && cfg!(all(target_os = "linux", target_env = "gnu")) {
+        // SAFETY: mallopt only changes glibc's allocator parameters.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
+    }
+}

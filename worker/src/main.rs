@@ -32,6 +32,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    axial_worker::keep_freed_memory();
     let result = match cli.command {
         Command::Join(args) => axial_worker::join::join(&args),
         Command::Train(args) => axial_worker::commands::train(&args),
