@@ -128,15 +128,7 @@ impl Barrier {
         if p.votes.len() < p.world {
             return VoteOutcome::Recorded;
         }
-        let done = self.pending.take().map(|p| ReadyToCommit {
-            step: p.step,
-            generation: p.generation,
-            files: p.votes,
-        });
-        match done {
-            Some(r) => VoteOutcome::Complete(r),
-            None => VoteOutcome::Refused("no checkpoint is pending".into()),
-        }
+        self.complete()
     }
 
     /// Rank 0's vote standing for every rank of the generation (they all passed the group's
@@ -150,15 +142,20 @@ impl Barrier {
         if let Err(reason) = self.check(generation, step) {
             return VoteOutcome::Refused(reason);
         }
+        if let Some(p) = &mut self.pending {
+            p.votes.insert(0, files);
+        }
+        self.complete()
+    }
+
+    /// The pending checkpoint, its votes all in, handed over for its commit.
+    fn complete(&mut self) -> VoteOutcome {
         match self.pending.take() {
-            Some(mut p) => {
-                p.votes.insert(0, files);
-                VoteOutcome::Complete(ReadyToCommit {
-                    step: p.step,
-                    generation: p.generation,
-                    files: p.votes,
-                })
-            }
+            Some(p) => VoteOutcome::Complete(ReadyToCommit {
+                step: p.step,
+                generation: p.generation,
+                files: p.votes,
+            }),
             None => VoteOutcome::Refused("no checkpoint is pending".into()),
         }
     }

@@ -73,21 +73,27 @@ fn votes_naming_other_folders_or_files_and_strangers_leaving_are_refused() {
     assert!(s.status(8).workers.iter().all(|w| w.id != "stranger"));
 }
 
-/// Two ranks vote; the coordinator commits the manifest, and status and metrics show it.
-#[test]
-fn votes_commit_and_status_reports() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+/// A job of exactly two workers, "a" and "b", formed: the state and b's assignment.
+fn two_ranks(dir: &std::path::Path) -> (JobState, crate::membership::Assignment) {
     let members = MembershipConfig {
         min: 2,
         max: 2,
         settle_ms: 100,
         timeout_ms: 10_000,
     };
-    let mut s = JobState::new(job(tmp.path()), members, false);
+    let mut s = JobState::new(job(dir), members, false);
     s.join("a", 1, None, 0);
     let Join::Assigned { assignment, .. } = s.join("b", 1, None, 0) else {
         panic!("group")
     };
+    (s, assignment)
+}
+
+/// Two ranks vote; the coordinator commits the manifest, and status and metrics show it.
+#[test]
+fn votes_commit_and_status_reports() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mut s, assignment) = two_ranks(tmp.path());
     assert_eq!(assignment.world, 2);
     let g = assignment.generation;
     // The rendezvous store: for this generation's ranks only.
@@ -151,24 +157,11 @@ fn votes_commit_and_status_reports() {
     assert!(json.contains("\"workers\"") && json.contains("\"events\""));
 }
 
-/// Hyperparameter changes: the coordinator picks a step every rank reaches only after
-/// hearing of the change, refuses earlier ones and bad values, records the changes in the
-/// next manifest, and a coordinator restarted on the saved state keeps them, counts the
-/// restart and goes on with newer generations.
+/// Rank 0's vote for its group commits the checkpoint in one call, with no vote from rank 1.
 #[test]
 fn rank_0_votes_for_its_group_in_one_call() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let members = MembershipConfig {
-        min: 2,
-        max: 2,
-        settle_ms: 100,
-        timeout_ms: 10_000,
-    };
-    let mut s = JobState::new(job(tmp.path()), members, false);
-    s.join("a", 1, None, 0);
-    let Join::Assigned { assignment, .. } = s.join("b", 1, None, 0) else {
-        panic!("group")
-    };
+    let (mut s, assignment) = two_ranks(tmp.path());
     let g = assignment.generation;
     let folder = tmp.path().join("ckpt-0000000012");
     let files = checkpoint_files(&folder);
@@ -215,6 +208,10 @@ fn rank_0_votes_for_its_group_in_one_call() {
     assert_eq!(s.status(20).committed.expect("committed").step, 12);
 }
 
+/// Hyperparameter changes: the coordinator picks a step every rank reaches only after
+/// hearing of the change, refuses earlier ones and bad values, records the changes in the
+/// next manifest, and a coordinator restarted on the saved state keeps them, counts the
+/// restart and goes on with newer generations.
 #[test]
 fn changes_are_scheduled_recorded_and_survive_a_restart() {
     let tmp = tempfile::tempdir().expect("tempdir");
