@@ -89,6 +89,20 @@ fn two_ranks(dir: &std::path::Path) -> (JobState, crate::membership::Assignment)
     (s, assignment)
 }
 
+/// The folder, file votes and position of a checkpoint at step 12 (96 samples in).
+fn checkpoint_at_step_12(dir: &std::path::Path) -> (std::path::PathBuf, Vec<FileEntry>, Position) {
+    let folder = dir.join("ckpt-0000000012");
+    let files = checkpoint_files(&folder);
+    let pos = Position {
+        step: 12,
+        consumed: 96,
+        samples_seen: 96,
+        loss_scale: 1.0,
+        ..Position::default()
+    };
+    (folder, files, pos)
+}
+
 /// Two ranks vote; the coordinator commits the manifest, and status and metrics show it.
 #[test]
 fn votes_commit_and_status_reports() {
@@ -111,15 +125,7 @@ fn votes_commit_and_status_reports() {
         Err(StoreRefused::NotMember { .. })
     ));
     s.record_progress("a", 12, 1.5, 300.0, 10);
-    let folder = tmp.path().join("ckpt-0000000012");
-    let files = checkpoint_files(&folder);
-    let pos = Position {
-        step: 12,
-        consumed: 96,
-        samples_seen: 96,
-        loss_scale: 1.0,
-        ..Position::default()
-    };
+    let (folder, files, pos) = checkpoint_at_step_12(tmp.path());
     let ra = s.rank_of("a").expect("rank");
     let rb = s.rank_of("b").expect("rank");
     let first = s.vote(Voter::rank(ra, g), pos, Some(folder.clone()), files, 20);
@@ -163,15 +169,7 @@ fn rank_0_votes_for_its_group_in_one_call() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (mut s, assignment) = two_ranks(tmp.path());
     let g = assignment.generation;
-    let folder = tmp.path().join("ckpt-0000000012");
-    let files = checkpoint_files(&folder);
-    let pos = Position {
-        step: 12,
-        consumed: 96,
-        samples_seen: 96,
-        loss_scale: 1.0,
-        ..Position::default()
-    };
+    let (folder, files, pos) = checkpoint_at_step_12(tmp.path());
     let (ra, rb) = (s.rank_of("a").expect("rank"), s.rank_of("b").expect("rank"));
     let (zero, other) = if ra == 0 { (ra, rb) } else { (rb, ra) };
     assert_eq!(zero, 0);
