@@ -98,14 +98,10 @@ impl BatchNorm {
         // libtorch's contiguous kernel loops over the positions of each channel: for a few
         // positions per channel (the attention of the last stages: 2 or 4) it is 3-8x slower
         // than its channels-last kernel, which the same values take as rows `[positions, C]`.
-        let (n, c) = (xs.size()[0], xs.size().get(1).copied().unwrap_or(1));
-        let positions = if n * c > 0 {
-            xs.numel() as i64 / (n * c)
-        } else {
-            0
-        };
-        if xs.dim() > 2 && positions > 1 && positions <= ROWS_BELOW {
-            let d = xs.dim() as i64;
+        let size = xs.size();
+        let positions: i64 = size.iter().skip(2).product();
+        if size.len() > 2 && xs.numel() > 0 && positions > 1 && positions <= ROWS_BELOW {
+            let (c, d) = (size[1], size.len() as i64);
             let to_rows: Vec<i64> = std::iter::once(0).chain(2..d).chain([1]).collect();
             let rows = xs.permute(to_rows.as_slice()).contiguous();
             let shape = rows.size();
