@@ -10,6 +10,7 @@
 # Environment: AXIAL_BENCH_ARCH (axial26s), AXIAL_BENCH_BATCH (16), AXIAL_BENCH_THREADS (2),
 # AXIAL_BENCH_ITERS (30), AXIAL_BENCH_DEVICE (cpu), AXIAL_BENCH_AMP (none; bf16 or fp16 on
 # CUDA), AXIAL_BENCH_COMPILE=0 to skip torch.compile (it compiles for minutes on 2 cores),
+# AXIAL_BENCH_CUDA_GRAPHS=1: also axial with `--cuda-graphs true` (CUDA; extra rows),
 # AXIAL_BENCH_PT_CHANNELS_LAST=1: the twin in channels-last (axial's tensors stay contiguous
 # NCHW), AXIAL_FIXTURE: the fixture file the twin is checked against, AXIAL_BENCH_BIN: a prebuilt train_step bench binary (scripts/gpu-check.sh passes one; default:
 # cargo builds it), AXIAL_PYTHON: the python with torch 2.11 (default: the venv of
@@ -47,10 +48,10 @@ fixture=()
 "$PY" scripts/pytorch/check_fixtures.py "${fixture[@]}" > /dev/null \
   || { echo "bench-vs-pytorch: the twin does not reproduce the fixtures; no comparison" >&2; exit 1; }
 
-# One axial run: "train_ips eval_ips rss_mb".
+# One axial run ($2: with CUDA graphs, true or false): "train_ips eval_ips rss_mb".
 axial() {
   "$BENCH" --arch "$ARCH" --sizes "$1" --batch "$BATCH" --threads "$THREADS" --iters "$ITERS" \
-    --device "$DEVICE" --amp "$AMP" | awk -F'|' '/^\| [0-9]+x[0-9]+ /{ gsub(/ /, ""); print $5, $6, $7 }'
+    --device "$DEVICE" --amp "$AMP" --cuda-graphs "$2" | awk -F'|' '/^\| [0-9]+x[0-9]+ /{ gsub(/ /, ""); print $5, $6, $7 }'
 }
 # One PyTorch run (mode eager or compile): the same three numbers.
 pytorch() {
@@ -64,12 +65,18 @@ pytorch() {
 
 modes=(axial eager)
 [[ $COMPILE == 1 ]] && modes+=(compile)
+GRAPHS="${AXIAL_BENCH_CUDA_GRAPHS:-0}"
+[[ $GRAPHS == 1 ]] && modes+=(graphs)
 declare -A train eval rss
 IFS=, read -r -a sizes <<< "$SIZES"
 for ((r = 1; r <= ROUNDS; r++)); do
   for size in "${sizes[@]}"; do
     for mode in "${modes[@]}"; do
-      if [[ $mode == axial ]]; then out=$(axial "$size"); else out=$(pytorch "$size" "$mode"); fi
+      case $mode in
+        axial) out=$(axial "$size" false) ;;
+        graphs) out=$(axial "$size" true) ;;
+        *) out=$(pytorch "$size" "$mode") ;;
+      esac
       read -r t e m <<< "$out"
       [[ -n ${m:-} ]] || { echo "bench-vs-pytorch: $mode at $size px gave no numbers" >&2; exit 1; }
       train[$size,$mode]+="$t "
@@ -100,5 +107,11 @@ for size in "${sizes[@]}"; do
     fi
     label=$([[ $what == rss ]] && echo "peak RSS MB" || echo "$what img/s")
     echo "| $size px | $label | $a | $e | $(ratio "$a" "$e") | $c | $cr |"
+    # The eval forward is never captured: graphs add train and memory rows.
+    if [[ $GRAPHS == 1 && $what != eval ]]; then
+      g=$(median <<< "${table[$size,graphs]}")
+      [[ $COMPILE == 1 ]] && cr=$(ratio "$g" "$c")
+      echo "| $size px | $label, CUDA graphs | $g | $e | $(ratio "$g" "$e") | $c | $cr |"
+    fi
   done
 done

@@ -13,10 +13,12 @@
 #   2. the GPU tests: NCCL world of one (all-reduce, broadcast, synchronized batch norm on
 #      CUDA against plain batch norm, training steps), Gloo with CUDA tensors across two
 #      processes, autocast that really computes in bf16/fp16, an fp16 run whose loss scale
-#      moves, and `train` in bf16 and fp16 on CUDA;
+#      moves, the CUDA-graph step against the uncaptured one, and `train` in bf16 and fp16
+#      on CUDA (and with cuda_graphs);
 #   3. a two-rank `launch` on the one GPU over Gloo and a one-rank NCCL `launch`;
 #   4. the train-step bench on CUDA: axial50s at 224 px, bf16 autocast, against the PyTorch
-#      twin in eager AMP and torch.compile (channels-last for the twin), img/s, ratios, memory.
+#      twin in eager AMP and torch.compile (channels-last for the twin), img/s, ratios, memory;
+#      axial also with its step captured as a CUDA graph (`[train] cuda_graphs`).
 # AXIAL_GPU_CHECK_QUICK=1 skips torch.compile (minutes to compile).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -136,7 +138,7 @@ JOB
     AXIAL_BENCH_BIN="$CARRY/release/deps/train_step" AXIAL_PYTHON="$py" \
       AXIAL_FIXTURE="$CARRY/fixtures/axial26-quarter-official-32px.safetensors" \
       AXIAL_BENCH_ARCH=axial50s AXIAL_BENCH_BATCH=64 AXIAL_BENCH_THREADS=8 AXIAL_BENCH_ITERS=20 \
-      AXIAL_BENCH_DEVICE=cuda AXIAL_BENCH_AMP=bf16 AXIAL_BENCH_PT_CHANNELS_LAST=1 \
+      AXIAL_BENCH_DEVICE=cuda AXIAL_BENCH_AMP=bf16 AXIAL_BENCH_PT_CHANNELS_LAST=1 AXIAL_BENCH_CUDA_GRAPHS=1 \
       AXIAL_BENCH_COMPILE=$([[ ${AXIAL_GPU_CHECK_QUICK:-0} == 1 ]] && echo 0 || echo 1) \
       scripts/bench-vs-pytorch.sh 2 224 | tee "$out/bench.md" || failed=1
   fi

@@ -25,7 +25,14 @@ fn main() {
     let has_cuda = lib.join("libtorch_cuda.so").exists()
         && cudnn.exists()
         && std::env::var_os("AXIAL_NO_CUDA").is_none();
+    // The CUDA runtime beside torch/ (the worker's shim links it), for every package that
+    // links the worker.
+    let cudart = lib.join("../../nvidia/cu13/lib");
     if has_cuda {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", cudart.display());
+        for up in ["../..", "../../.."] {
+            println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/{up}/.libtorch/../nvidia/cu13/lib");
+        }
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         // The shim's NCCL group picks its CUDA device (c10::cuda::set_device).
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-lc10_cuda,--as-needed");
@@ -42,17 +49,27 @@ fn main() {
         let nvidia = lib.join("../../nvidia");
         let cuda_include = nvidia.join("cu13/include");
         let nccl_include = nvidia.join("nccl/include");
-        let with_nccl = has_cuda
+        let with_cuda = has_cuda
+            && cudart.join("libcudart.so.13").exists()
             && cuda_include.join("cuda_runtime_api.h").exists()
-            && cuda_include.join("crt/host_defines.h").exists()
-            && nccl_include.join("nccl.h").exists();
+            && cuda_include.join("crt/host_defines.h").exists();
+        let with_nccl = with_cuda && nccl_include.join("nccl.h").exists();
+        if with_cuda {
+            // The CUDA-graph capture of the training step (csrc/cuda_graph.cpp); c10's inline
+            // CUDA helpers call the CUDA runtime itself (cudaGetLastError), which the CUDA
+            // wheel keeps in nvidia/cu13/lib beside torch/.
+            println!("cargo:rustc-link-search=native={}", cudart.display());
+            println!("cargo:rustc-link-lib=dylib:+verbatim=libcudart.so.13");
+            build
+                .define("AXIAL_WITH_CUDA", "1")
+                .include(&cuda_include)
+                .include(cuda_include.join("cccl"));
+        }
         if with_nccl {
             build
                 .define("AXIAL_WITH_NCCL", "1")
                 .define("USE_C10D_NCCL", "1")
-                .include(&cuda_include)
-                .include(&nccl_include)
-                .include(cuda_include.join("cccl"));
+                .include(&nccl_include);
         } else if has_cuda {
             println!(
                 "cargo:warning=building without NCCL: CUDA or NCCL headers missing under {} (run scripts/setup-libtorch.sh)",
@@ -74,6 +91,7 @@ fn main() {
             .file("csrc/kv_store.cpp")
             .file("csrc/nccl_shim.cpp")
             .file("csrc/reducer.cpp")
+            .file("csrc/cuda_graph.cpp")
             .compile("axial_shim");
     }
 }

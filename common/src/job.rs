@@ -198,6 +198,11 @@ pub struct TrainConfig {
     /// that every norm sees the whole global batch and the step's math is that of the even
     /// split.
     pub rebalance: bool,
+    /// Capture each micro-batch's forward and backward as one CUDA graph after a few warm-up
+    /// steps and replay it (static shapes: full micro-batches replay, the rest run as usual).
+    /// CUDA only; the synchronized batch norms' all-reduces inside the forward pass (more
+    /// than one rank with `sync_bn` other than "none") keep the step uncaptured.
+    pub cuda_graphs: bool,
 }
 
 impl Default for TrainConfig {
@@ -216,6 +221,7 @@ impl Default for TrainConfig {
             sync_bn: SyncBn::Attention,
             overlap_allreduce: true,
             rebalance: false,
+            cuda_graphs: false,
         }
     }
 }
@@ -651,6 +657,14 @@ impl JobConfig {
                  on its share of the batch, so the step would no longer be the even split's)",
             ));
         }
+        if t.cuda_graphs && t.device == "cpu" {
+            return Err(ConfigError::invalid(
+                "train.cuda_graphs",
+                true,
+                "a CUDA device (train.device = \"cpu\" has no CUDA graphs; set device to \
+                 \"cuda\", \"cuda:N\" or \"auto\", or cuda_graphs = false)",
+            ));
+        }
         let o = &self.optim;
         if !(o.lr > 0.0 && o.lr.is_finite() && o.lr <= 100.0) {
             return Err(ConfigError::invalid("optim.lr", o.lr, "0 < lr <= 100"));
@@ -847,6 +861,11 @@ batch_size = 32
                 "batch_size = 32",
                 "batch_size = 32\nclip_grad_norm = -1.0",
                 "train.clip_grad_norm",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 32\ndevice = \"cpu\"\ncuda_graphs = true",
+                "train.cuda_graphs",
             ),
             ("format = \"builtin\"", "format = \"parquet\"", "format"),
             ("train = 1000", "train = \"/data/train\"", "data.train"),

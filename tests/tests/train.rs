@@ -272,22 +272,58 @@ fn a_terminated_run_checkpoints_and_resumes_bit_identical() {
     }
 }
 
-/// GPU: a few steps in bf16 and fp16 autocast on CUDA. Compiled always; skipped without a GPU.
+/// `[train] cuda_graphs = true` where `device = "auto"` finds no GPU: `train` stops before
+/// the first step with an error that names the setting (not a silent uncaptured run), and
+/// writes no checkpoint.
+#[test]
+fn cuda_graphs_without_a_gpu_is_refused_naming_the_setting() {
+    if tch::Cuda::is_available() {
+        println!("skipped: this machine has a GPU (gpu_mixed_precision_trains runs the graphs)");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = write_job(
+        tmp.path(),
+        &JOB.replace(
+            "seed = 3",
+            "seed = 3\ndevice = \"auto\"\ncuda_graphs = true",
+        ),
+    );
+    let out = train(&job, &["--stop-after-steps", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    assert!(!out.status.success());
+    assert!(stderr.contains("train.cuda_graphs"), "{stderr}");
+    assert!(stderr.contains("CUDA"), "{stderr}");
+    let ckpt = tmp.path().join("ckpt");
+    let saved = std::fs::read_dir(&ckpt).map_or(0, |d| d.count());
+    assert_eq!(saved, 0, "nothing written under {}", ckpt.display());
+}
+
+/// GPU: a few steps in bf16 and fp16 autocast on CUDA, and in bf16 with the step captured as
+/// a CUDA graph (`cuda_graphs`: 3 warm-up passes, the capture, replays). Compiled always;
+/// skipped without a GPU.
 #[test]
 fn gpu_mixed_precision_trains() {
     if !tch::Cuda::is_available() {
         println!("skipped: no CUDA device (tch::Cuda::is_available() is false)");
         return;
     }
-    for precision in ["bf16", "fp16"] {
+    for (precision, graphs) in [("bf16", false), ("fp16", false), ("bf16", true)] {
         let tmp = tempfile::tempdir().expect("tempdir");
+        // After `seed` (the first "threads = 2" is [data]'s loader_threads).
         let text = JOB.replace(
-            "threads = 2",
-            &format!("threads = 2\ndevice = \"cuda\"\nprecision = \"{precision}\""),
+            "seed = 3",
+            &format!(
+                "seed = 3\ndevice = \"cuda\"\nprecision = \"{precision}\"\ncuda_graphs = {graphs}"
+            ),
         );
         let job = write_job(tmp.path(), &text);
-        let out = train(&job, &["--stop-after-steps", "4"]);
-        assert!(out.status.success(), "{precision}");
+        let out = train(&job, &["--stop-after-steps", "8"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{precision}, cuda_graphs {graphs}:\n{stderr}");
+        assert!(out.status.success(), "{precision}, cuda_graphs {graphs}");
+        assert!(!stderr.contains("not captured"), "{stderr}");
         let model = tensors(&newest_checkpoint(&tmp.path().join("ckpt")).join("model.safetensors"));
         assert!(
             model

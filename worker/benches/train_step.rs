@@ -5,7 +5,10 @@
 //! decay). 5 warm-up steps, then the median of 30.
 //!
 //! `cargo bench -p axial-worker --bench train_step [-- --sizes 32,64 --iters 30 --arch axial26s
-//!  --batch 16 --threads 2 --device cpu --amp none|bf16|fp16]`
+//!  --batch 16 --threads 2 --device cpu --amp none|bf16|fp16 --cuda-graphs false|true]`
+//!
+//! `--cuda-graphs true` (CUDA only) runs the step as `[train] cuda_graphs` does: the warm-up
+//! steps include the passes before the capture, the timed ones replay the graph.
 //!
 //! Columns: the median step and eval-forward times, and the process's peak RSS (VmHWM) after
 //! the size's runs (run one size per process to compare it with another program's); on CUDA
@@ -18,6 +21,7 @@ use axial_common::job::Precision;
 use axial_common::model::ImageSize;
 use axial_worker::forward::parse_device;
 use axial_worker::model::Model;
+use axial_worker::train::graph::{GraphedStep, WARMUP_PASSES};
 use axial_worker::train::recipe_sgd;
 use axial_worker::train::step::{LossScale, Step};
 use tch::{Device, Kind, Tensor};
@@ -31,6 +35,7 @@ struct Args {
     threads: i32,
     device: Device,
     amp: Precision,
+    cuda_graphs: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -43,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
         threads: 2,
         device: Device::Cpu,
         amp: Precision::Fp32,
+        cuda_graphs: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -72,8 +78,17 @@ fn parse_args() -> Result<Args, String> {
                     _ => return Err(format!("--amp {value}: none, bf16 or fp16")),
                 }
             }
+            "--cuda-graphs" => a.cuda_graphs = value.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown flag {flag}")),
         }
+    }
+    if a.cuda_graphs && !a.device.is_cuda() {
+        return Err("--cuda-graphs true needs a CUDA device (--device cuda)".into());
+    }
+    if a.cuda_graphs && a.warmup <= WARMUP_PASSES {
+        return Err(format!(
+            "--cuda-graphs true needs more than {WARMUP_PASSES} warm-up steps (the passes before the capture)"
+        ));
     }
     if a.iters == 0 {
         return Err("--iters must be at least 1".into());
@@ -93,9 +108,11 @@ fn step(
     x: &Tensor,
     y: &Tensor,
     amp: Precision,
+    graph: Option<&GraphedStep>,
 ) -> axial_worker::Result<Option<Tensor>> {
     let mut step = Step::local(&model.net, x.device());
     step.autocast = amp != Precision::Fp32;
+    step.graph = graph;
     let n = x.size()[0] as usize;
     // fp16 with its loss scale, as training runs it (a fresh scale per step: the bench times
     // the work, and an overflow would only skip the update).
@@ -146,8 +163,19 @@ fn main() {
         }
     }
     println!(
-        "{} | batch {} | {} threads | {:?} | {:?} | median of {} after {} warm-up",
-        args.arch, args.batch, args.threads, args.device, args.amp, args.iters, args.warmup
+        "{} | batch {} | {} threads | {:?} | {:?}{} | median of {} after {} warm-up",
+        args.arch,
+        args.batch,
+        args.threads,
+        args.device,
+        args.amp,
+        if args.cuda_graphs {
+            " | CUDA graphs"
+        } else {
+            ""
+        },
+        args.iters,
+        args.warmup
     );
     println!(
         "| input | params | train step ms | train images/s | eval forward images/s | peak RSS MB | peak GPU MB |"
@@ -174,10 +202,22 @@ fn main() {
         let mut opt = recipe_sgd(&model);
         let x = Tensor::randn([args.batch, 3, size, size], (Kind::Float, args.device));
         let y = Tensor::randint(10, [args.batch], (Kind::Int64, args.device));
+        let graph = match args.cuda_graphs {
+            true => {
+                match GraphedStep::new(args.device, model.vs.variables().into_values().collect()) {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        eprintln!("train_step bench: {e}");
+                        std::process::exit(1);
+                    }
+                }
+            }
+            false => None,
+        };
         let mut train = Vec::with_capacity(args.iters);
         for i in 0..args.warmup + args.iters {
             let t = Instant::now();
-            let loss = match step(&model, &mut opt, &x, &y, args.amp) {
+            let loss = match step(&model, &mut opt, &x, &y, args.amp, graph.as_ref()) {
                 Ok(loss) => loss,
                 Err(e) => {
                     eprintln!("train_step bench: {e}");

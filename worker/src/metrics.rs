@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::{
 #[derive(Debug, Clone, Copy)]
 pub enum Phase {
     DataWait,
-    /// The forward pass, without `SyncWait`.
+    /// The forward pass, without `SyncWait` (with CUDA graphs, a replay: forward and backward).
     Forward,
     /// The backward pass, without `SyncWait`.
     Backward,

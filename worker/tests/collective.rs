@@ -294,6 +294,7 @@ fn a_step_split_by_shares_equals_the_even_split() {
                 reduce: Reduce::AfterBackward(&pg),
                 sync: Some(&ctx),
                 buffers: &[],
+                graph: None,
             };
             let (a, b) = plan.range(0, c.rank as u64);
             let (a, n) = (a as i64, (b - a) as i64);

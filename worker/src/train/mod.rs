@@ -8,6 +8,7 @@ pub mod checkpoint;
 mod checkpointer;
 pub mod coordination;
 pub mod eval;
+pub mod graph;
 pub mod optim;
 pub mod precision;
 mod progress;

@@ -32,6 +32,7 @@ use super::checkpoint::{self, Position, Writer};
 use super::coordination::LiveJob;
 pub use super::coordination::{Coordination, Distributed, Report};
 use super::eval::{EvalOptions, EvalResult};
+use super::graph::GraphedStep;
 use super::optim::Optimizer;
 use super::progress::Progress;
 use super::sample_log::SampleLog;
@@ -164,13 +165,13 @@ pub fn run(
         quiet,
     )?;
     let sync = join_group(dist.as_ref(), job, &variables, &mut optimizer, &model)?;
-    // Gradients all-reduced during backward (hooks), or after it.
+    let graph = graphed_step(job, device, world, sync.is_some(), &variables, quiet)?;
+    // Gradients all-reduced during backward (hooks), or after it (also with a CUDA graph,
+    // whose replays would not run the hooks).
     let reducer = match &dist {
-        Some(d) if world > 1 && job.train.overlap_allreduce => Some(Reducer::new(
-            d.group.clone(),
-            &optimizer.params(),
-            BUCKET_BYTES,
-        )?),
+        Some(d) if world > 1 && job.train.overlap_allreduce && graph.is_none() => Some(
+            Reducer::new(d.group.clone(), &optimizer.params(), BUCKET_BYTES)?,
+        ),
         _ => None,
     };
     // The one step every micro-batch and update goes through (`train::step`).
@@ -187,6 +188,7 @@ pub fn run(
         },
         sync: sync.as_deref(),
         buffers: &buffers,
+        graph: graph.as_ref(),
     };
     let steps_per_epoch = StepPlan::even(0, world as u64, per_rank, train_src.len() as u64).steps();
     if !quiet {
@@ -280,9 +282,45 @@ fn device_of(job: &JobConfig) -> Result<(Device, bool)> {
             "fp16 and bf16 need a CUDA device; use \"fp32\" on the CPU",
         ));
     }
+    if job.train.cuda_graphs && !device.is_cuda() {
+        return Err(super::graph::graphs_refused(
+            "CUDA graphs need a CUDA device",
+            format!(
+                "train.device = {:?} found {device:?} (no GPU here?)",
+                job.train.device
+            ),
+        ));
+    }
     super::precision::set_autocast_dtype(job.train.precision)
         .map_err(|e| config_err("train.precision", &e))?;
     Ok((device, job.train.precision != Precision::Fp32))
+}
+
+/// The CUDA graph of the step when `[train] cuda_graphs` asks for one: an error on a device
+/// without CUDA (`auto` that found none); none, with a warning that says why, while the
+/// synchronized batch norms all-reduce inside the forward pass (a replay cannot run them).
+fn graphed_step(
+    job: &JobConfig,
+    device: Device,
+    world: usize,
+    synced_forward: bool,
+    variables: &[(String, Tensor)],
+    quiet: bool,
+) -> Result<Option<GraphedStep>> {
+    if !job.train.cuda_graphs {
+        return Ok(None);
+    }
+    if synced_forward {
+        if !quiet {
+            eprintln!(
+                "warning: train.cuda_graphs: the step is not captured: sync_bn = {:?} all-reduces inside the forward pass over {world} ranks (set sync_bn = \"none\" to capture it)",
+                job.train.sync_bn
+            );
+        }
+        return Ok(None);
+    }
+    let watched = variables.iter().map(|(_, t)| t.shallow_clone()).collect();
+    GraphedStep::new(device, watched).map(Some)
 }
 
 /// The training and validation splits, checked against the model's classes (opened once per

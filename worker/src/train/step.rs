@@ -17,6 +17,7 @@ use std::time::Instant;
 use axial_common::job::OptimConfig;
 use tch::{Device, Kind, Tensor};
 
+use super::graph::GraphedStep;
 use super::optim::{Optimizer, clip_grad_norm};
 use crate::collective::ProcessGroup;
 use crate::collective::ddp::{BUCKET_BYTES, allreduce_gradients, average_buffers};
@@ -129,6 +130,9 @@ pub struct Step<'a> {
     pub sync: Option<&'a SyncContext>,
     /// Running statistics, averaged over the ranks after each update.
     pub buffers: &'a [Tensor],
+    /// The forward and backward of full micro-batches as a CUDA graph (`[train] cuda_graphs`;
+    /// not with `Reduce::Overlapped`, whose hooks a replay would not run).
+    pub graph: Option<&'a GraphedStep>,
 }
 
 impl<'a> Step<'a> {
@@ -142,6 +146,7 @@ impl<'a> Step<'a> {
             reduce: Reduce::Local,
             sync: None,
             buffers: &[],
+            graph: None,
         }
     }
 
@@ -166,19 +171,41 @@ impl<'a> Step<'a> {
         }
         let t = Instant::now();
         let synced = self.sync_wait();
+        let weight = scale.scale * n as f64 / step_samples;
+        if n > 0
+            && !matches!(self.reduce, Reduce::Overlapped(..))
+            && let Some(graph) = self.graph
+        {
+            let pass = |x: &Tensor, y: &Tensor, w: &Tensor| -> Result<Tensor> {
+                let loss = self.loss_of(x, y, n);
+                (&loss * w).f_backward()?;
+                Ok(loss.detach())
+            };
+            if let Some(loss) = graph.run(images, labels, weight, &pass)? {
+                // One replay is forward and backward together: recorded as the forward.
+                self.work_done(metrics, Phase::Forward, t, synced);
+                return Ok(Some(loss));
+            }
+        }
         let images = images.to_device(self.device);
         let labels = labels.to_device(self.device);
-        let logits = tch::autocast(self.autocast, || self.net.forward_t(&images, true));
-        let loss = if n == 0 {
-            logits.sum(Kind::Float) * 0.0
-        } else {
-            smoothed_cross_entropy(&logits, &labels, self.label_smoothing)
-        };
+        let loss = self.loss_of(&images, &labels, n);
         let synced = self.work_done(metrics, Phase::Forward, t, synced);
         let t = Instant::now();
-        (&loss * (scale.scale * n as f64 / step_samples)).f_backward()?;
+        (&loss * weight).f_backward()?;
         self.work_done(metrics, Phase::Backward, t, synced);
         Ok((n > 0).then(|| loss.detach()))
+    }
+
+    /// The forward pass in train mode and the loss of `images` and `labels` on the device
+    /// (over an empty batch: zero, still through every layer).
+    fn loss_of(&self, images: &Tensor, labels: &Tensor, n: usize) -> Tensor {
+        let logits = tch::autocast(self.autocast, || self.net.forward_t(images, true));
+        if n == 0 {
+            logits.sum(Kind::Float) * 0.0
+        } else {
+            smoothed_cross_entropy(&logits, labels, self.label_smoothing)
+        }
     }
 
     /// The synchronized batch norms' all-reduce seconds so far (0 without them).
