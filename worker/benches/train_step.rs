@@ -204,7 +204,11 @@ fn main() {
         let y = Tensor::randint(10, [args.batch], (Kind::Int64, args.device));
         let graph = match args.cuda_graphs {
             true => {
-                match GraphedStep::new(args.device, model.vs.variables().into_values().collect()) {
+                match GraphedStep::new(
+                    args.device,
+                    args.batch,
+                    model.vs.variables().into_values().collect(),
+                ) {
                     Ok(g) => Some(g),
                     Err(e) => {
                         eprintln!("train_step bench: {e}");

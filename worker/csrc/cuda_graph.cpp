@@ -15,6 +15,7 @@
 #ifdef AXIAL_WITH_CUDA
 #include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -103,12 +104,18 @@ int axial_cuda_graph_begin(void* handle, int capture, char* err, size_t err_len)
 #ifdef AXIAL_WITH_CUDA
     auto* g = static_cast<Graph*>(handle);
     if (g->guard) throw std::runtime_error("begin inside an unfinished begin");
-    g->enter();
-    if (capture && g->captured) {
-      // Captured again (what it used moved): the old graph and its memory pool go first.
-      g->graph.reset();
-      g->captured = false;
+    if (capture) {
+      if (g->captured) {
+        // Captured again (what it used moved): the old graph and its memory pool go first.
+        g->graph.reset();
+        g->captured = false;
+      }
+      // A capture allocates only from its own new pool: what the caching allocator holds
+      // goes back first (as torch.cuda.graph does), or a batch that fits uncaptured may not.
+      c10::cuda::device_synchronize();
+      c10::cuda::CUDACachingAllocator::emptyCache();
     }
+    g->enter();
     if (capture) {
       g->cache_was_enabled = at::autocast::is_autocast_cache_enabled();
       at::autocast::set_autocast_cache_enabled(false);

@@ -12,6 +12,10 @@ use axial_worker::train::precision::set_autocast_dtype;
 use axial_worker::train::step::{LossScale, Step};
 use tch::{Device, Kind, Tensor};
 
+/// The GPU tests one at a time: a CUDA-graph capture (global capture mode) fails when another
+/// thread calls into CUDA meanwhile.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn tiny_model_on(device: Device) -> Model {
     let cfg = ModelSpec::from_toml_document(
         "[model]\nvariant = \"official\"\nlayers = [1, 1, 1, 1]\nwidth = 0.125\nnum_classes = 10\nimage_size = 32\n",
@@ -30,6 +34,7 @@ fn gpu_autocast_computes_in_the_low_precision_dtype() {
         println!("skipped: no CUDA device");
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dev = Device::Cuda(0);
     let model = tiny_model_on(dev);
     let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, dev));
@@ -62,6 +67,7 @@ fn gpu_fp16_loss_scale_moves_on_overflow() {
         println!("skipped: no CUDA device");
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     set_autocast_dtype(Precision::Fp16).expect("fp16");
     let dev = Device::Cuda(0);
     let model = tiny_model_on(dev);
@@ -118,13 +124,14 @@ fn gpu_cuda_graph_step_matches_the_uncaptured_step() {
         println!("skipped: no CUDA device");
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dev = Device::Cuda(0);
     let plain = tiny_model_on(dev);
     let graphed = tiny_model_on(dev);
     let mut opt_plain = Optimizer::new(&Default::default(), plain.named_parameters());
     let mut opt_graphed = Optimizer::new(&Default::default(), graphed.named_parameters());
     let watched = graphed.vs.variables().into_values().collect();
-    let graph = GraphedStep::new(dev, watched).expect("a CUDA graph");
+    let graph = GraphedStep::new(dev, 8, watched).expect("a CUDA graph");
     let mut step = Step::local(&graphed.net, dev);
     step.graph = Some(&graph);
     let eager = Step::local(&plain.net, dev);

@@ -77,23 +77,31 @@ impl CudaGraph {
         }
     }
 
-    /// Runs `f` on the side stream, captured into this graph when `capture`.
-    fn on_side_stream<T>(
-        &self,
-        capture: bool,
-        f: impl FnOnce() -> T,
-    ) -> std::result::Result<T, String> {
+    /// Runs `f` on the side stream, captured into this graph when `capture`. The begin is
+    /// always closed, also when `f` fails or panics (then re-raised); when both `f` and the
+    /// close fail, `f`'s error is the one returned (an op that fails while capturing makes
+    /// the close fail too).
+    fn on_side_stream<T>(&self, capture: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let what = if capture {
+            "capturing the training step"
+        } else {
+            "the side stream"
+        };
         let mut err = [0 as c_char; 512];
         // SAFETY: a live handle; the error buffer as above.
         let rc = unsafe {
             ffi::axial_cuda_graph_begin(self.0.as_ptr(), capture as c_int, err.as_mut_ptr(), 512)
         };
-        checked(rc, &err)?;
-        let out = f();
-        // SAFETY: as above; always closes the begin, also when `f` failed.
+        checked(rc, &err).map_err(|e| graphs_refused(what, e))?;
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        // SAFETY: as above.
         let rc = unsafe { ffi::axial_cuda_graph_end(self.0.as_ptr(), err.as_mut_ptr(), 512) };
-        checked(rc, &err)?;
-        Ok(out)
+        let closed = checked(rc, &err);
+        match out {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(v)) => closed.map(|()| v).map_err(|e| graphs_refused(what, e)),
+        }
     }
 
     fn replay(&self) -> std::result::Result<(), String> {
@@ -134,6 +142,8 @@ enum State {
 /// The step's forward and backward as a CUDA graph (see the module documentation).
 pub struct GraphedStep {
     device: usize,
+    /// The micro-batch size captured; batches of another size run uncaptured.
+    batch: i64,
     graph: CudaGraph,
     /// The weights and running statistics (and through them the gradients) the graph uses.
     watched: Vec<Tensor>,
@@ -155,9 +165,10 @@ pub(crate) fn graphs_refused(what: &str, e: String) -> Error {
 }
 
 impl GraphedStep {
-    /// Graphs for a step on `device` over the model's `variables` (weights and buffers).
-    /// Fails on a device that is not CUDA, or a build without CUDA.
-    pub fn new(device: Device, variables: Vec<Tensor>) -> Result<Self> {
+    /// Graphs for a step of full micro-batches of `batch` samples on `device` over the
+    /// model's `variables` (weights and buffers). Fails on a device that is not CUDA, or a
+    /// build without CUDA.
+    pub fn new(device: Device, batch: i64, variables: Vec<Tensor>) -> Result<Self> {
         let Device::Cuda(index) = device else {
             return Err(graphs_refused(
                 "CUDA graphs need a CUDA device",
@@ -168,6 +179,7 @@ impl GraphedStep {
             CudaGraph::new(index).map_err(|e| graphs_refused("CUDA graphs need a GPU", e))?;
         Ok(Self {
             device: index,
+            batch,
             graph,
             watched: variables,
             state: RefCell::new(State::WarmingUp { passes: 0 }),
@@ -189,8 +201,8 @@ impl GraphedStep {
     }
 
     /// Runs one full micro-batch through `pass`: uncaptured while warming up, then captured,
-    /// then replayed. `weight` is the loss weight. Returns the detached loss, or `None` when
-    /// the batch does not have the captured shape (the caller runs it as usual).
+    /// then replayed. `weight` is the loss weight. Returns the detached loss, or `None` for a
+    /// batch that is not full or not of the captured shape (the caller runs it as usual).
     pub fn run(
         &self,
         images: &Tensor,
@@ -198,6 +210,9 @@ impl GraphedStep {
         weight: f64,
         pass: &Pass<'_>,
     ) -> Result<Option<Tensor>> {
+        if images.size().first() != Some(&self.batch) {
+            return Ok(None);
+        }
         let mut state = self.state.borrow_mut();
         if let State::Captured(c) = &*state {
             if c.images.size() != images.size() || c.labels.size() != labels.size() {
@@ -225,14 +240,14 @@ impl GraphedStep {
             ));
         };
         let dev = Device::Cuda(self.device);
-        let images = images.to_device(dev);
-        let labels = labels.to_device(dev);
+        // Copies: a batch already on the device must not become the graph's static input.
+        let images = images.to_device(dev).copy();
+        let labels = labels.to_device(dev).copy();
         let weight_t = Tensor::from(weight as f32).to_device(dev);
         let capture = passes >= WARMUP_PASSES;
         let loss = self
             .graph
-            .on_side_stream(capture, || pass(&images, &labels, &weight_t))
-            .map_err(|e| graphs_refused("capturing the training step", e))??;
+            .on_side_stream(capture, || pass(&images, &labels, &weight_t))?;
         if !capture {
             *state = State::WarmingUp { passes: passes + 1 };
             return Ok(Some(loss));
@@ -279,14 +294,14 @@ mod tests {
     /// and the device (the run stops before training instead of silently running uncaptured).
     #[test]
     fn graphs_on_the_cpu_are_refused_naming_the_setting() {
-        let e = GraphedStep::new(Device::Cpu, Vec::new())
+        let e = GraphedStep::new(Device::Cpu, 8, Vec::new())
             .err()
             .expect("refused on the CPU")
             .to_string();
         assert!(e.contains("train.cuda_graphs"), "{e}");
         assert!(e.contains("Cpu"), "{e}");
         if !tch::Cuda::is_available() {
-            let e = GraphedStep::new(Device::Cuda(0), Vec::new())
+            let e = GraphedStep::new(Device::Cuda(0), 8, Vec::new())
                 .err()
                 .expect("refused without a GPU")
                 .to_string();

@@ -320,7 +320,7 @@ fn graphed_step(
         return Ok(None);
     }
     let watched = variables.iter().map(|(_, t)| t.shallow_clone()).collect();
-    GraphedStep::new(device, watched).map(Some)
+    GraphedStep::new(device, job.train.batch_size, watched).map(Some)
 }
 
 /// The training and validation splits, checked against the model's classes (opened once per
