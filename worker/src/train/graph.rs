@@ -52,8 +52,13 @@ struct CudaGraph(NonNull<c_void>);
 #[allow(unsafe_code)]
 fn error_text(err: &[c_char]) -> String {
     // SAFETY: the shim NUL-terminates what it writes within the buffer (zeroed before).
-    let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
-    msg.to_string_lossy().into_owned()
+    let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+    // c10's errors carry the C++ stack after their message: keep the message.
+    msg.split("\nException raised from")
+        .next()
+        .unwrap_or_default()
+        .trim_end()
+        .to_owned()
 }
 
 /// `Ok` for rc 0, else the shim's error text.
