@@ -92,6 +92,8 @@ fn main() {
             .file("csrc/nccl_shim.cpp")
             .file("csrc/reducer.cpp")
             .file("csrc/cuda_graph.cpp")
+            .file("csrc/profiler.cpp")
+            .file("csrc/sgd.cpp")
             .compile("axial_shim");
     }
 }

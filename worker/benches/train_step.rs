@@ -5,10 +5,14 @@
 //! decay). 5 warm-up steps, then the median of 30.
 //!
 //! `cargo bench -p axial-worker --bench train_step [-- --sizes 32,64 --iters 30 --arch axial26s
-//!  --batch 16 --threads 2 --device cpu --amp none|bf16|fp16 --cuda-graphs false|true]`
+//!  --batch 16 --threads 2 --device cpu --amp none|bf16|fp16 --cuda-graphs false|true
+//!  --profile 0]`
 //!
 //! `--cuda-graphs true` (CUDA only) runs the step as `[train] cuda_graphs` does: the warm-up
 //! steps include the passes before the capture, the timed ones replay the graph.
+//!
+//! `--profile N` then runs N more training steps under libtorch's operator profiler and prints
+//! the 40 operators with the most self time per step, by name and input shapes.
 //!
 //! Columns: the median step and eval-forward times, and the process's peak RSS (VmHWM) after
 //! the size's runs (run one size per process to compare it with another program's); on CUDA
@@ -36,6 +40,7 @@ struct Args {
     device: Device,
     amp: Precision,
     cuda_graphs: bool,
+    profile: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -49,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
         device: Device::Cpu,
         amp: Precision::Fp32,
         cuda_graphs: false,
+        profile: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,6 +85,7 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--cuda-graphs" => a.cuda_graphs = value.parse().map_err(|e| bad(&e))?,
+            "--profile" => a.profile = value.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -229,6 +236,9 @@ fn main() {
                 }
             };
             sync(args.device);
+            if std::env::var("AXIAL_TRACE").is_ok() {
+                eprintln!("step {i} {:.1}", t.elapsed().as_secs_f64() * 1e3);
+            }
             if i >= args.warmup {
                 train.push(t.elapsed().as_secs_f64());
             }
@@ -262,5 +272,58 @@ fn main() {
             per_s(eval_ms),
             peak_rss_mb()
         );
+        if args.profile > 0 {
+            if let Err(e) = profile(&args, &model, &mut opt, &x, &y, graph.as_ref()) {
+                eprintln!("train_step bench: --profile: {e}");
+                std::process::exit(1);
+            }
+        }
     }
+}
+
+/// `--profile N`: N training steps under the operator profiler; the top operators by self time.
+fn profile(
+    args: &Args,
+    model: &Model,
+    opt: &mut axial_worker::train::optim::Optimizer,
+    x: &Tensor,
+    y: &Tensor,
+    graph: Option<&GraphedStep>,
+) -> Result<(), String> {
+    let path = std::env::temp_dir().join(format!("axial-bench-profile-{}.tsv", std::process::id()));
+    for _ in 0..3 {
+        let t = Instant::now();
+        step(model, opt, x, y, args.amp, graph).map_err(|e| e.to_string())?;
+        eprintln!("pre {:.1}", t.elapsed().as_secs_f64() * 1e3);
+    }
+    axial_worker::profile::start(std::env::var("NOSHAPES").is_err())?;
+    let t = Instant::now();
+    for _ in 0..args.profile {
+        step(model, opt, x, y, args.amp, graph).map_err(|e| e.to_string())?;
+        sync(args.device);
+    }
+    let wall = t.elapsed().as_secs_f64() * 1e3 / args.profile as f64;
+    axial_worker::profile::stop(&path)?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let _ = std::fs::remove_file(&path);
+    let rows = axial_worker::profile::summary(&text)?;
+    let per_step = |ns: u64| ns as f64 / 1e6 / args.profile as f64;
+    let total: f64 = rows.iter().map(|r| per_step(r.self_ns)).sum();
+    println!(
+        "\nprofile: {} steps, {wall:.1} ms/step under the profiler, {total:.1} ms/step of operator self time",
+        args.profile
+    );
+    println!("| self ms/step | % | calls/step | operator | input shapes |");
+    println!("|---|---|---|---|---|");
+    for r in rows.iter().take(usize::MAX) {
+        let ms = per_step(r.self_ns);
+        println!(
+            "| {ms:.2} | {:.1} | {} | {} | {} |",
+            100.0 * ms / total,
+            r.calls / args.profile,
+            r.name,
+            r.shapes
+        );
+    }
+    Ok(())
 }

@@ -19,3 +19,4 @@ extern "C" int axial_set_cuda_autocast_dtype(int bf16, char* err, size_t err_len
     return 1;
   }
 }
+

@@ -13,6 +13,7 @@
 //! - [`join`]: `axial-worker join`, one rank of a distributed job; [`rendezvous`]: the
 //!   coordinator's rendezvous store under c10d; [`address`]: the address a rank advertises;
 //!   [`local_ranks`]: `join --local-ranks N`, one rank per GPU of a machine.
+//! - [`profile`]: libtorch's operator profiler, for the benches.
 //! - [`error::Error`]: the crate's one error type.
 
 pub mod address;
@@ -26,7 +27,9 @@ pub mod join;
 pub mod local_ranks;
 pub mod metrics;
 pub mod model;
+pub mod profile;
 pub mod rendezvous;
+mod shim;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -296,27 +296,20 @@ pub fn cuda_memory(device: usize) -> Result<CudaMemory, String> {
         reserved: 0,
         peak_allocated: 0,
     };
-    let mut err = [0 as std::ffi::c_char; 512];
     let device = std::ffi::c_int::try_from(device).map_err(|_| "device index too large")?;
-    // SAFETY: the shim writes the three integers and at most err.len() bytes, NUL-terminated,
+    // SAFETY: the shim writes the three integers and at most len bytes into the error buffer,
     // and keeps no pointer.
-    let rc = unsafe {
+    crate::shim::call(|err, len| unsafe {
         ffi::axial_cuda_memory(
             device,
             &mut m.allocated,
             &mut m.reserved,
             &mut m.peak_allocated,
-            err.as_mut_ptr(),
-            err.len(),
+            err,
+            len,
         )
-    };
-    if rc == 0 {
-        Ok(m)
-    } else {
-        // SAFETY: NUL-terminated by the shim within the buffer.
-        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-        Err(msg.to_string_lossy().into_owned())
-    }
+    })?;
+    Ok(m)
 }
 
 /// Serves `/metrics` on `addr` from a thread of its own (hyper's HTTP/1 server on a small

@@ -18,12 +18,13 @@
 //! group formed, a checkpoint replaced a tensor) the step is captured again.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::{CStr, c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::ptr::NonNull;
 
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::shim::{self, ErrorBuf};
 
 /// Full micro-batches run uncaptured (on the side stream) before the capture.
 pub const WARMUP_PASSES: usize = 3;
@@ -48,38 +49,14 @@ mod ffi {
 /// One CUDA graph of the shim and its side stream.
 struct CudaGraph(NonNull<c_void>);
 
-/// The shim's error text.
-#[allow(unsafe_code)]
-fn error_text(err: &[c_char]) -> String {
-    // SAFETY: the shim NUL-terminates what it writes within the buffer (zeroed before).
-    let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-    // c10's errors carry the C++ stack after their message: keep the message.
-    msg.split("\nException raised from")
-        .next()
-        .unwrap_or_default()
-        .trim_end()
-        .to_owned()
-}
-
-/// `Ok` for rc 0, else the shim's error text.
-fn checked(rc: c_int, err: &[c_char]) -> std::result::Result<(), String> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(error_text(err))
-    }
-}
-
 #[allow(unsafe_code)]
 impl CudaGraph {
     fn new(device: usize) -> std::result::Result<Self, String> {
-        let mut err = [0 as c_char; 512];
-        // SAFETY: the shim writes at most err.len() bytes and keeps no pointer to them.
-        let g = unsafe { ffi::axial_cuda_graph_new(device as c_int, err.as_mut_ptr(), err.len()) };
-        match NonNull::new(g) {
-            Some(g) => Ok(Self(g)),
-            None => Err(error_text(&err)),
-        }
+        let mut err = ErrorBuf::new();
+        let (ptr, len) = err.raw();
+        // SAFETY: the shim writes at most len bytes into the error buffer and keeps no pointer.
+        let g = unsafe { ffi::axial_cuda_graph_new(device as c_int, ptr, len) };
+        NonNull::new(g).map(Self).ok_or_else(|| err.text())
     }
 
     /// Runs `f` on the side stream, captured into this graph when `capture`. The begin is
@@ -92,16 +69,16 @@ impl CudaGraph {
         } else {
             "the side stream"
         };
-        let mut err = [0 as c_char; 512];
-        // SAFETY: a live handle; the error buffer as above.
-        let rc = unsafe {
-            ffi::axial_cuda_graph_begin(self.0.as_ptr(), capture as c_int, err.as_mut_ptr(), 512)
-        };
-        checked(rc, &err).map_err(|e| graphs_refused(what, e))?;
+        let g = self.0.as_ptr();
+        // SAFETY: a live handle; the shim writes at most len bytes into the error buffer and
+        // keeps no pointer.
+        shim::call(|err, len| unsafe {
+            ffi::axial_cuda_graph_begin(g, capture as c_int, err, len)
+        })
+        .map_err(|e| graphs_refused(what, e))?;
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         // SAFETY: as above.
-        let rc = unsafe { ffi::axial_cuda_graph_end(self.0.as_ptr(), err.as_mut_ptr(), 512) };
-        let closed = checked(rc, &err);
+        let closed = shim::call(|err, len| unsafe { ffi::axial_cuda_graph_end(g, err, len) });
         match out {
             Err(panic) => std::panic::resume_unwind(panic),
             Ok(Err(e)) => Err(e),
@@ -110,10 +87,9 @@ impl CudaGraph {
     }
 
     fn replay(&self) -> std::result::Result<(), String> {
-        let mut err = [0 as c_char; 512];
+        let g = self.0.as_ptr();
         // SAFETY: a live handle; the error buffer as above.
-        let rc = unsafe { ffi::axial_cuda_graph_replay(self.0.as_ptr(), err.as_mut_ptr(), 512) };
-        checked(rc, &err)
+        shim::call(|err, len| unsafe { ffi::axial_cuda_graph_replay(g, err, len) })
     }
 }
 

@@ -7,8 +7,31 @@
 //! AdamW, as `torch.optim.AdamW`: `p *= 1 - lr wd`; moments with bias correction; `p -= lr
 //! m_hat / (sqrt(v_hat) + eps)`.
 
+use std::ffi::{c_char, c_int, c_void};
+
 use axial_common::job::{OptimConfig, OptimizerName};
 use tch::{Kind, Tensor};
+
+#[allow(unsafe_code)]
+mod ffi {
+    use super::{c_char, c_int, c_void};
+    unsafe extern "C" {
+        /// csrc/sgd.cpp: SGD over n parameters in place.
+        pub fn axial_sgd_step(
+            params: *const *mut c_void,
+            grads: *const *mut c_void,
+            bufs: *const *mut c_void,
+            flags: *const u8,
+            n: usize,
+            lr: f64,
+            momentum: f64,
+            weight_decay: f64,
+            nesterov: c_int,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+    }
+}
 
 /// One trainable tensor and its optimizer state.
 #[derive(Debug)]
@@ -123,8 +146,12 @@ impl Optimizer {
 
     /// Applies one update at learning rate `lr`.
     pub fn step(&mut self, lr: f64) {
-        let wd = self.config.weight_decay;
         let first = self.steps == 0;
+        if self.config.name == OptimizerName::Sgd && self.sgd_fused(lr, first) {
+            self.steps += 1;
+            return;
+        }
+        let wd = self.config.weight_decay;
         self.steps += 1;
         let t = self.steps as f64;
         tch::no_grad(|| {
@@ -176,6 +203,76 @@ impl Optimizer {
                 }
             }
         });
+    }
+
+    /// SGD over every parameter in one call of the shim (csrc/sgd.cpp: one pass over each
+    /// tensor, the same arithmetic as the separate operations of [`Self::step`]), when all of
+    /// them, their gradients and momentum buffers are contiguous CPU float32 tensors; false
+    /// (nothing done) otherwise. Parameters without a gradient are skipped, as in `step`.
+    #[allow(unsafe_code)]
+    fn sgd_fused(&mut self, lr: f64, first: bool) -> bool {
+        let momentum = self.config.momentum;
+        let fits = |t: &Tensor| {
+            t.device() == tch::Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
+        };
+        let mut live = Vec::with_capacity(self.params.len());
+        for (i, p) in self.params.iter().enumerate() {
+            let grad = p.tensor.grad();
+            if !grad.defined() {
+                continue;
+            }
+            let state_ok = momentum == 0.0
+                || first
+                || p.state.is_empty()
+                || p.state
+                    .first()
+                    .is_some_and(|b| fits(b) && b.size() == p.tensor.size());
+            if !fits(&p.tensor) || !fits(&grad) || !state_ok {
+                return false;
+            }
+            live.push((i, grad));
+        }
+        let mut params = Vec::with_capacity(live.len());
+        let mut grads = Vec::with_capacity(live.len());
+        let mut bufs = Vec::with_capacity(live.len());
+        let mut flags = Vec::with_capacity(live.len());
+        for (i, g) in &live {
+            let p = &mut self.params[*i];
+            // A first step's momentum buffer: the kernel sets it to the gradient.
+            let fresh = momentum != 0.0 && (first || p.state.is_empty());
+            if fresh {
+                p.state = vec![p.tensor.detach().empty_like()];
+            }
+            flags.push(u8::from(p.decay) | (u8::from(fresh) << 1));
+            params.push(p.tensor.as_ptr() as *mut c_void);
+            grads.push(g.as_ptr() as *mut c_void);
+            bufs.push(
+                p.state
+                    .first()
+                    .map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut c_void),
+            );
+        }
+        // SAFETY: live tensor handles (kept alive by self.params and `live`) for the call; the
+        // shim checks each one's device, dtype, layout and size before writing, and writes at
+        // most len bytes into the error buffer.
+        let done = crate::shim::call(|err, len| unsafe {
+            ffi::axial_sgd_step(
+                params.as_ptr(),
+                grads.as_ptr(),
+                bufs.as_ptr(),
+                flags.as_ptr(),
+                live.len(),
+                lr,
+                momentum,
+                self.config.weight_decay,
+                c_int::from(self.config.nesterov),
+                err,
+                len,
+            )
+        });
+        // Checked beforehand, so an error here is a bug; the unfused update is still right.
+        debug_assert!(done.is_ok(), "{done:?}");
+        done.is_ok()
     }
 
     /// The state as named tensors (`momentum_buffer.<name>` or `exp_avg.<name>`,
@@ -290,6 +387,82 @@ mod tests {
             assert!((p.double_value(&[i as i64]) - want).abs() < 1e-12);
         }
         assert_eq!(opt.state_tensors().len(), 1);
+    }
+
+    /// The fused SGD of float32 CPU tensors gives the bits of the separate operations it
+    /// replaces, for a tensor large enough to be split over threads, one without weight
+    /// decay, and one whose gradient appears only from the second step (its own first step).
+    #[test]
+    fn fused_sgd_equals_the_separate_operations() {
+        tch::manual_seed(7);
+        let cpu = (Kind::Float, tch::Device::Cpu);
+        let shapes: [&[i64]; 3] = [&[300, 257], &[64], &[5, 3]];
+        let params: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| Tensor::randn(*s, cpu).set_requires_grad(true))
+            .collect();
+        let cfg = OptimConfig {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 8e-5,
+            no_decay_norm_bias: true,
+            ..OptimConfig::default()
+        };
+        let (m, wd) = (cfg.momentum, cfg.weight_decay);
+        let named = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("p{i}"), p.shallow_clone()))
+            .collect();
+        let mut opt = Optimizer::new(&cfg, named);
+        let mut want: Vec<Tensor> = params.iter().map(|p| p.detach().copy()).collect();
+        let mut bufs: Vec<Option<Tensor>> = vec![None, None, None];
+        for step in 0..4 {
+            opt.zero_grad();
+            let grads: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, cpu)).collect();
+            for (i, p) in params.iter().enumerate() {
+                if i == 2 && step == 0 {
+                    continue;
+                }
+                (p * &grads[i]).sum(Kind::Float).backward();
+            }
+            let lr = 0.1 / (step + 1) as f64;
+            // `step` would fall back to the separate operations silently: call the fused one.
+            let first = opt.steps == 0;
+            assert!(
+                opt.sgd_fused(lr, first),
+                "float32 CPU tensors take the fused path"
+            );
+            opt.steps += 1;
+            for (i, g) in grads.iter().enumerate() {
+                if i == 2 && step == 0 {
+                    continue;
+                }
+                let decay = i != 1;
+                let d = if decay {
+                    g + &want[i] * wd
+                } else {
+                    g.shallow_clone()
+                };
+                let b = match bufs[i].take() {
+                    None => d.copy(),
+                    Some(b) => b * m + &d,
+                };
+                let d = &d + &b * m;
+                want[i] = &want[i] + d * (-lr);
+                bufs[i] = Some(b);
+            }
+        }
+        for (p, w) in params.iter().zip(&want) {
+            assert!(
+                p.detach().equal(w),
+                "fused SGD differs from the separate ops"
+            );
+        }
+        let state = opt.state_tensors();
+        for ((_, got), b) in state.iter().zip(&bufs) {
+            assert!(got.equal(b.as_ref().unwrap()));
+        }
     }
 
     #[test]

@@ -24,16 +24,8 @@ pub fn set_autocast_dtype(precision: Precision) -> Result<(), String> {
         Precision::Fp16 => 0,
         Precision::Bf16 => 1,
     };
-    let mut err = [0 as c_char; 512];
-    // SAFETY: the shim writes at most err.len() bytes, NUL-terminated, and keeps no pointer.
-    let rc = unsafe { ffi::axial_set_cuda_autocast_dtype(bf16, err.as_mut_ptr(), err.len()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        // SAFETY: NUL-terminated by the shim within the buffer.
-        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-        Err(msg.to_string_lossy().into_owned())
-    }
+    // SAFETY: the shim writes at most len bytes into the error buffer and keeps no pointer.
+    crate::shim::call(|err, len| unsafe { ffi::axial_set_cuda_autocast_dtype(bf16, err, len) })
 }
 
 #[cfg(test)]
