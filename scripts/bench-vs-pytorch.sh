@@ -5,7 +5,7 @@
 # weight decay) and of the eval forward, and each run's peak RSS. Every configuration runs in
 # a process of its own (so its peak RSS is its own), at the same thread count.
 #
-#   scripts/bench-vs-pytorch.sh [ROUNDS] [SIZES]        # default: 3 rounds, sizes 32,64
+#   scripts/bench-vs-pytorch.sh [ROUNDS] [SIZES]        # default: 5 rounds, sizes 32,64
 #
 # Environment: AXIAL_BENCH_ARCH (axial26s), AXIAL_BENCH_BATCH (16), AXIAL_BENCH_THREADS (2),
 # AXIAL_BENCH_ITERS (30), AXIAL_BENCH_DEVICE (cpu), AXIAL_BENCH_AMP (none; bf16 or fp16 on
@@ -18,7 +18,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-ROUNDS="${1:-3}"
+ROUNDS="${1:-5}"
 SIZES="${2:-32,64}"
 ARCH="${AXIAL_BENCH_ARCH:-axial26s}"
 BATCH="${AXIAL_BENCH_BATCH:-16}"
@@ -88,9 +88,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+# The median of the rounds' own ratios ($1, $2: one value per round, in round order): the two
+# runs of a round ran back to back, so a slow spell of the machine divides out.
+paired() {
+  paste -d' ' <(tr ' ' '\n' <<< "$1" | grep -v '^$') <(tr ' ' '\n' <<< "$2" | grep -v '^$') |
+    awk '{ printf "%.4f\n", $1 / $2 }' | median | awk '{ printf "%.2f", $1 }'
+}
 echo
-echo "$ARCH, batch $BATCH, $THREADS threads, $DEVICE, amp $AMP; medians of $ROUNDS rounds (each a median of $ITERS steps)"
+echo "$ARCH, batch $BATCH, $THREADS threads, $DEVICE, amp $AMP; medians of $ROUNDS rounds (each a median of $ITERS steps); ratios: the median of the rounds' own ratios"
 echo
 echo "| input | what | axial | PyTorch eager | axial / eager | torch.compile | axial / compile |"
 echo "|---|---|---|---|---|---|---|"
@@ -101,17 +106,17 @@ for size in "${sizes[@]}"; do
     e=$(median <<< "${table[$size,eager]}")
     if [[ $COMPILE == 1 ]]; then
       c=$(median <<< "${table[$size,compile]}")
-      cr=$(ratio "$a" "$c")
+      cr=$(paired "${table[$size,axial]}" "${table[$size,compile]}")
     else
       c=-; cr=-
     fi
     label=$([[ $what == rss ]] && echo "peak RSS MB" || echo "$what img/s")
-    echo "| $size px | $label | $a | $e | $(ratio "$a" "$e") | $c | $cr |"
+    echo "| $size px | $label | $a | $e | $(paired "${table[$size,axial]}" "${table[$size,eager]}") | $c | $cr |"
     # The eval forward is never captured: graphs add train and memory rows.
     if [[ $GRAPHS == 1 && $what != eval ]]; then
       g=$(median <<< "${table[$size,graphs]}")
-      [[ $COMPILE == 1 ]] && cr=$(ratio "$g" "$c")
-      echo "| $size px | $label, CUDA graphs | $g | $e | $(ratio "$g" "$e") | $c | $cr |"
+      [[ $COMPILE == 1 ]] && cr=$(paired "${table[$size,graphs]}" "${table[$size,compile]}")
+      echo "| $size px | $label, CUDA graphs | $g | $e | $(paired "${table[$size,graphs]}" "${table[$size,eager]}") | $c | $cr |"
     fi
   done
 done

@@ -6,13 +6,15 @@
 //!
 //! `cargo bench -p axial-worker --bench train_step [-- --sizes 32,64 --iters 30 --arch axial26s
 //!  --batch 16 --threads 2 --device cpu --amp none|bf16|fp16 --cuda-graphs false|true
-//!  --profile 0]`
+//!  --profile 0 --profile-shapes true]`
 //!
 //! `--cuda-graphs true` (CUDA only) runs the step as `[train] cuda_graphs` does: the warm-up
 //! steps include the passes before the capture, the timed ones replay the graph.
 //!
 //! `--profile N` then runs N more training steps under libtorch's operator profiler and prints
-//! the 40 operators with the most self time per step, by name and input shapes.
+//! the 40 operators with the most self time per step, by name and input shapes
+//! (`--profile-shapes false`: by name only; recording shapes slows element-wise operators
+//! with a scalar argument several-fold).
 //!
 //! Columns: the median step and eval-forward times, and the process's peak RSS (VmHWM) after
 //! the size's runs (run one size per process to compare it with another program's); on CUDA
@@ -41,6 +43,7 @@ struct Args {
     amp: Precision,
     cuda_graphs: bool,
     profile: usize,
+    profile_shapes: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -55,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         amp: Precision::Fp32,
         cuda_graphs: false,
         profile: 0,
+        profile_shapes: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -86,6 +90,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--cuda-graphs" => a.cuda_graphs = value.parse().map_err(|e| bad(&e))?,
             "--profile" => a.profile = value.parse().map_err(|e| bad(&e))?,
+            "--profile-shapes" => a.profile_shapes = value.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -236,9 +241,6 @@ fn main() {
                 }
             };
             sync(args.device);
-            if std::env::var("AXIAL_TRACE").is_ok() {
-                eprintln!("step {i} {:.1}", t.elapsed().as_secs_f64() * 1e3);
-            }
             if i >= args.warmup {
                 train.push(t.elapsed().as_secs_f64());
             }
@@ -272,11 +274,11 @@ fn main() {
             per_s(eval_ms),
             peak_rss_mb()
         );
-        if args.profile > 0 {
-            if let Err(e) = profile(&args, &model, &mut opt, &x, &y, graph.as_ref()) {
-                eprintln!("train_step bench: --profile: {e}");
-                std::process::exit(1);
-            }
+        if args.profile > 0
+            && let Err(e) = profile(&args, &model, &mut opt, &x, &y, graph.as_ref())
+        {
+            eprintln!("train_step bench: --profile: {e}");
+            std::process::exit(1);
         }
     }
 }
@@ -291,12 +293,7 @@ fn profile(
     graph: Option<&GraphedStep>,
 ) -> Result<(), String> {
     let path = std::env::temp_dir().join(format!("axial-bench-profile-{}.tsv", std::process::id()));
-    for _ in 0..3 {
-        let t = Instant::now();
-        step(model, opt, x, y, args.amp, graph).map_err(|e| e.to_string())?;
-        eprintln!("pre {:.1}", t.elapsed().as_secs_f64() * 1e3);
-    }
-    axial_worker::profile::start(std::env::var("NOSHAPES").is_err())?;
+    axial_worker::profile::start(args.profile_shapes)?;
     let t = Instant::now();
     for _ in 0..args.profile {
         step(model, opt, x, y, args.amp, graph).map_err(|e| e.to_string())?;
@@ -315,7 +312,7 @@ fn profile(
     );
     println!("| self ms/step | % | calls/step | operator | input shapes |");
     println!("|---|---|---|---|---|");
-    for r in rows.iter().take(usize::MAX) {
+    for r in rows.iter().take(40) {
         let ms = per_step(r.self_ns);
         println!(
             "| {ms:.2} | {:.1} | {} | {} | {} |",

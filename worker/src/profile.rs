@@ -121,8 +121,8 @@ mod tests {
         // an empty [40, 45); thread 2: an add [0, 50) overlapping in time but not nested.
         let events = "1\t0\t100\tconv\t[1,2]\n1\t10\t20\tempty\t\n1\t30\t70\tmm\t[2,2] [2,2]\n\
                       1\t40\t45\tempty\t\n2\t0\t50\tadd\t[3]\n";
-        let rows = summary(events).unwrap();
-        let get = |n: &str| rows.iter().find(|r| r.name == n).unwrap();
+        let rows = summary(events).expect("well-formed events");
+        let get = |n: &str| rows.iter().find(|r| r.name == n).expect("a row per name");
         assert_eq!(get("conv").self_ns, 50);
         assert_eq!(get("mm").self_ns, 35);
         assert_eq!((get("empty").calls, get("empty").self_ns), (2, 15));
@@ -132,19 +132,23 @@ mod tests {
             (rows[0].name.as_str(), rows[1].name.as_str()),
             ("add", "conv")
         );
-        assert!(summary("1\t0\tx\tconv\t\n").unwrap_err().contains("line 1"));
+        assert!(
+            summary("1\t0\tx\tconv\t\n")
+                .expect_err("a bad end time")
+                .contains("line 1")
+        );
     }
 
     #[test]
     fn the_profiler_records_operators() {
         let path = std::env::temp_dir().join(format!("axial-profile-{}.tsv", std::process::id()));
-        start(true).unwrap();
+        start(true).expect("profiler starts");
         let x = tch::Tensor::ones([4, 4], (tch::Kind::Float, tch::Device::Cpu));
         let _ = x.matmul(&x);
-        stop(&path).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
+        stop(&path).expect("profiler stops");
+        let text = std::fs::read_to_string(&path).expect("events written");
         let _ = std::fs::remove_file(&path);
-        let rows = summary(&text).unwrap();
+        let rows = summary(&text).expect("well-formed events");
         let mm = rows
             .iter()
             .find(|r| r.name == "aten::matmul")

@@ -57,7 +57,10 @@ mod tests {
         for (dst, src) in err.0.iter_mut().zip(text) {
             *dst = *src as c_char;
         }
-        assert_eq!(err.checked(1).unwrap_err(), "CUDA error: out of memory");
+        assert_eq!(
+            err.checked(1).expect_err("rc 1 fails"),
+            "CUDA error: out of memory"
+        );
         assert_eq!(err.checked(0), Ok(()));
     }
 }

@@ -461,7 +461,7 @@ mod tests {
         }
         let state = opt.state_tensors();
         for ((_, got), b) in state.iter().zip(&bufs) {
-            assert!(got.equal(b.as_ref().unwrap()));
+            assert!(got.equal(b.as_ref().expect("a momentum buffer")));
         }
     }
 
