@@ -230,6 +230,9 @@ fn main() {
             }
             false => None,
         };
+        if graph.is_some() {
+            opt.keep_grads_in_place();
+        }
         let mut train = Vec::with_capacity(args.iters);
         for i in 0..args.warmup + args.iters {
             let t = Instant::now();

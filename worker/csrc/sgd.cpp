@@ -81,3 +81,12 @@ extern "C" int axial_sgd_step(at::Tensor** params, at::Tensor** grads, at::Tenso
     return 1;
   }
 }
+
+// Drops the gradients of n tensors (`tensor.grad = None`): the next backward pass then hands
+// each parameter its new gradient as it is, instead of adding it into a zeroed one (a pass
+// over every gradient to zero it and one to add into it, saved).
+extern "C" void axial_clear_grads(at::Tensor** tensors, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    tensors[i]->mutable_grad().reset();
+  }
+}

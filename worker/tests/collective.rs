@@ -620,7 +620,7 @@ fn overlapped_allreduce_equals_allreduce_after_backward() {
         placed_model
             .net
             .set_sync_bn(Some(ctx.clone()), SyncBn::Attention);
-        let placed = Optimizer::new(&Default::default(), params(&placed_model));
+        let mut placed = Optimizer::new(&Default::default(), params(&placed_model));
         placed.define_grads();
         placed.bucket_grads(64 * 1024);
         let placed_reducer =

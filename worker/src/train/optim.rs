@@ -30,6 +30,8 @@ mod ffi {
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
+        /// csrc/sgd.cpp: the n tensors' gradients undefined.
+        pub fn axial_clear_grads(tensors: *const *mut c_void, n: usize);
     }
 }
 
@@ -49,6 +51,9 @@ pub struct Optimizer {
     config: OptimConfig,
     params: Vec<Param>,
     steps: u64,
+    /// Gradients are zeroed in place (they live in all-reduce buckets, or a CUDA graph
+    /// accumulates into them), not dropped.
+    grads_in_place: bool,
 }
 
 impl Optimizer {
@@ -68,6 +73,7 @@ impl Optimizer {
             config: config.clone(),
             params,
             steps: 0,
+            grads_in_place: false,
         }
     }
 
@@ -76,7 +82,22 @@ impl Optimizer {
         self.steps
     }
 
+    /// Clears the gradients for the next step: dropped (as `zero_grad(set_to_none=True)`), so
+    /// that the next backward pass hands over its gradients instead of adding them into
+    /// zeros, unless they must stay where they are ([`Self::bucket_grads`],
+    /// [`Self::keep_grads_in_place`]): then zeroed in place.
+    #[allow(unsafe_code)]
     pub fn zero_grad(&self) {
+        if !self.grads_in_place {
+            let params: Vec<*mut c_void> = self
+                .params
+                .iter()
+                .map(|p| p.tensor.as_ptr() as *mut c_void)
+                .collect();
+            // SAFETY: live tensor handles (held by self.params) for the call.
+            unsafe { ffi::axial_clear_grads(params.as_ptr(), params.len()) };
+            return;
+        }
         for p in &self.params {
             let mut g = p.tensor.grad();
             if g.defined() {
@@ -109,9 +130,17 @@ impl Optimizer {
         }
     }
 
+    /// Gradients from now on are zeroed in place, never dropped (a CUDA graph accumulates into
+    /// them at the addresses it captured).
+    pub fn keep_grads_in_place(&mut self) {
+        self.grads_in_place = true;
+    }
+
     /// Places the (defined) gradients in one buffer per all-reduce bucket
-    /// ([`crate::collective::ddp::into_buckets`]): each bucket is then all-reduced in place.
-    pub fn bucket_grads(&self, bucket_bytes: usize) {
+    /// ([`crate::collective::ddp::into_buckets`]): each bucket is then all-reduced in place,
+    /// and the gradients stay there (zeroed in place).
+    pub fn bucket_grads(&mut self, bucket_bytes: usize) {
+        self.grads_in_place = true;
         let grads = self
             .params
             .iter()

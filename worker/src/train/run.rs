@@ -166,6 +166,9 @@ pub fn run(
     )?;
     let sync = join_group(dist.as_ref(), job, &variables, &mut optimizer, &model)?;
     let graph = graphed_step(job, device, world, sync.is_some(), &variables, quiet)?;
+    if graph.is_some() {
+        optimizer.keep_grads_in_place();
+    }
     // Gradients all-reduced during backward (hooks), or after it (also with a CUDA graph,
     // whose replays would not run the hooks).
     let reducer = match &dist {
