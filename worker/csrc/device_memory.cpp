@@ -4,10 +4,10 @@
 // across the C ABI.
 #include <c10/core/CachingDeviceAllocator.h>
 
+#include "shim_error.hpp"
+
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
-#include <exception>
 
 extern "C" int axial_cuda_memory(int device, int64_t* allocated, int64_t* reserved,
                                  int64_t* peak_allocated, char* err, size_t err_len) {
@@ -20,10 +20,6 @@ extern "C" int axial_cuda_memory(int device, int64_t* allocated, int64_t* reserv
     *peak_allocated = stats.allocated_bytes[all].peak;
     return 0;
   } catch (const std::exception& e) {
-    if (err_len > 0) {
-      std::strncpy(err, e.what(), err_len - 1);
-      err[err_len - 1] = '\0';
-    }
-    return 1;
+    return axial_report(e, err, err_len);
   }
 }

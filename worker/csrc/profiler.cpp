@@ -3,22 +3,14 @@
 // input shapes). Errors come back as text, never as exceptions across the C ABI.
 #include <torch/csrc/autograd/profiler_kineto.h>
 
+#include "shim_error.hpp"
+
 #include <cstddef>
-#include <cstring>
 #include <exception>
 #include <fstream>
 #include <set>
-
-namespace {
-
-void write_error(const std::exception& e, char* err, size_t err_len) {
-  if (err_len > 0) {
-    std::strncpy(err, e.what(), err_len - 1);
-    err[err_len - 1] = '\0';
-  }
-}
-
-}  // namespace
+#include <stdexcept>
+#include <string>
 
 extern "C" int axial_profiler_start(int shapes, char* err, size_t err_len) {
   try {
@@ -29,8 +21,7 @@ extern "C" int axial_profiler_start(int shapes, char* err, size_t err_len) {
     torch::autograd::profiler::enableProfiler(config, activities);
     return 0;
   } catch (const std::exception& e) {
-    write_error(e, err, err_len);
-    return 1;
+    return axial_report(e, err, err_len);
   }
 }
 
@@ -57,9 +48,12 @@ extern "C" int axial_profiler_stop(const char* path, char* err, size_t err_len) 
       }
       out << '\n';
     }
-    return out.good() ? 0 : (throw std::runtime_error(std::string("write failed: ") + path), 1);
+    out.flush();
+    if (!out.good()) {
+      throw std::runtime_error(std::string("write failed: ") + path);
+    }
+    return 0;
   } catch (const std::exception& e) {
-    write_error(e, err, err_len);
-    return 1;
+    return axial_report(e, err, err_len);
   }
 }

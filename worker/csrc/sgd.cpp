@@ -12,10 +12,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "shim_error.hpp"
+
 #include <cstddef>
-#include <cstring>
-#include <exception>
 #include <stdexcept>
+#include <string>
 
 namespace {
 
@@ -74,11 +75,7 @@ extern "C" int axial_sgd_step(at::Tensor** params, at::Tensor** grads, at::Tenso
     }
     return 0;
   } catch (const std::exception& e) {
-    if (err_len > 0) {
-      std::strncpy(err, e.what(), err_len - 1);
-      err[err_len - 1] = '\0';
-    }
-    return 1;
+    return axial_report(e, err, err_len);
   }
 }
 
