@@ -265,12 +265,14 @@ impl Optimizer {
         let mut grads = Vec::with_capacity(live.len());
         let mut bufs = Vec::with_capacity(live.len());
         let mut flags = Vec::with_capacity(live.len());
+        let mut fresh_ones = Vec::new();
         for (i, g) in &live {
             let p = &mut self.params[*i];
             // A first step's momentum buffer: the kernel sets it to the gradient.
             let fresh = momentum != 0.0 && (first || p.state.is_empty());
             if fresh {
                 p.state = vec![p.tensor.detach().empty_like()];
+                fresh_ones.push(*i);
             }
             flags.push(u8::from(p.decay) | (u8::from(fresh) << 1));
             params.push(p.tensor.as_ptr() as *mut c_void);
@@ -299,8 +301,15 @@ impl Optimizer {
                 len,
             )
         });
-        // Checked beforehand, so an error here is a bug; the unfused update is still right.
+        // Checked beforehand, so an error here is a bug. The shim checks every tensor before it
+        // writes any, so on an error nothing moved: the new, unwritten momentum buffers go
+        // again and the separate operations take the step.
         debug_assert!(done.is_ok(), "{done:?}");
+        if done.is_err() {
+            for i in fresh_ones {
+                self.params[i].state.clear();
+            }
+        }
         done.is_ok()
     }
 
