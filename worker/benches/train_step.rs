@@ -6,7 +6,10 @@
 //!
 //! `cargo bench -p axial-worker --bench train_step [-- --sizes 32,64 --iters 30 --arch axial26s
 //!  --batch 16 --threads 2 --device cpu --amp none|bf16|fp16 --cuda-graphs false|true
-//!  --profile 0 --profile-shapes true]`
+//!  --profile 0 --profile-shapes true --fused-attention true]`
+//!
+//! `--fused-attention false` runs the attention layers' core as separate ATen operations
+//! instead of the fused CPU operator (model::attention_core), for an A/B in one binary.
 //!
 //! `--cuda-graphs true` (CUDA only) runs the step as `[train] cuda_graphs` does: the warm-up
 //! steps include the passes before the capture, the timed ones replay the graph.
@@ -44,6 +47,7 @@ struct Args {
     cuda_graphs: bool,
     profile: usize,
     profile_shapes: bool,
+    fused_attention: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -59,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         cuda_graphs: false,
         profile: 0,
         profile_shapes: true,
+        fused_attention: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -91,6 +96,7 @@ fn parse_args() -> Result<Args, String> {
             "--cuda-graphs" => a.cuda_graphs = value.parse().map_err(|e| bad(&e))?,
             "--profile" => a.profile = value.parse().map_err(|e| bad(&e))?,
             "--profile-shapes" => a.profile_shapes = value.parse().map_err(|e| bad(&e))?,
+            "--fused-attention" => a.fused_attention = value.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -163,6 +169,7 @@ fn main() {
         }
     };
     axial_worker::keep_freed_memory();
+    axial_worker::model::attention_core::set_enabled(args.fused_attention);
     tch::set_num_threads(args.threads);
     if args.amp != Precision::Fp32 {
         if !args.device.is_cuda() {

@@ -30,6 +30,7 @@ use std::sync::Mutex;
 
 use tch::{Tensor, nn};
 
+use super::attention_core;
 use super::batch_norm::BatchNorm;
 
 /// Which spatial axis a layer attends along.
@@ -211,11 +212,6 @@ impl AxialAttention {
         // qkv projection: [B, 2C, L] -> per head [q | k | v] (official) or [k | q | v] (seed).
         let qkv = xs.conv1d(&self.qkv_transform, None::<&Tensor>, [1], [0], [1], 1);
         let qkv = self.bn_qkv.forward_t(&qkv, train).view([b, g, 2 * gp, len]);
-        let parts = qkv.split_with_sizes([gp / 2, gp / 2, gp], 2);
-        let (q, k, v) = match self.cfg.convention {
-            Convention::Official => (&parts[0], &parts[1], &parts[2]),
-            Convention::Seed => (&parts[1], &parts[0], &parts[2]),
-        };
 
         // Relative embeddings E[c, i, j] for this axis length: [2gp, L, L].
         let (index, outside) = self.index_for(len);
@@ -231,36 +227,38 @@ impl AxialAttention {
             self.relative.shallow_clone()
         };
         let emb = table.index_select(1, &index).view([2 * gp, len, len]);
-        let emb = emb.split_with_sizes([gp / 2, gp / 2, gp], 0);
-        let (q_emb, k_emb, v_emb) = (&emb[0], &emb[1], &emb[2]);
 
-        // Similarity terms, each [B, G, L, L]: q·k, q·r^q and k·r^k.
-        let qr = Tensor::einsum("bgci,cij->bgij", &[q, q_emb], None::<&[i64]>);
-        let kr = Tensor::einsum("bgci,cij->bgij", &[k, k_emb], None::<&[i64]>).transpose(2, 3);
-        let qk = Tensor::einsum("bgci,bgcj->bgij", &[q, k], None::<&[i64]>);
-        let stacked = Tensor::cat(&[qk, qr, kr], 1); // [B, 3G, L, L]
-        let similarity = self
-            .bn_similarity
-            .forward_t(&stacked, train)
-            .view([b, 3, g, len, len])
-            .sum_dim_intlist(1, false, None);
-        let similarity = match &outside {
-            Some(mask) => similarity.masked_fill(mask, f64::NEG_INFINITY),
-            None => similarity,
+        let (qoff, koff) = match self.cfg.convention {
+            Convention::Official => (0, gp / 2),
+            Convention::Seed => (gp / 2, 0),
         };
-        let similarity = similarity.softmax(3, similarity.kind());
-        if let Some(maps) = maps {
-            maps.push(AttentionMap {
-                layer: self.path.clone(),
-                axis: self.cfg.axis,
-                weights: similarity.detach().view([n, other, g, len, len]),
-            });
+        let fused = attention_core::applies(&qkv, &self.bn_similarity, maps.is_some())
+            .then(|| {
+                let core = attention_core::forward(
+                    &qkv,
+                    &emb,
+                    &self.bn_similarity,
+                    outside.as_ref(),
+                    qoff,
+                    koff,
+                    train,
+                );
+                // The shim checks its inputs before it writes anything (the running statistics
+                // included), so a refusal leaves the separate operations a clean start.
+                core.map_err(|e| {
+                    eprintln!(
+                        "warning: {}: fused attention core refused, using separate operations: {e}",
+                        self.path
+                    )
+                })
+                .ok()
+            })
+            .flatten();
+        let out = match fused {
+            Some(out) => out,
+            None => self.core_separate(&qkv, &emb, outside.as_ref(), train, maps, n),
         }
-
-        // Outputs [B, G, gp, L]: content Σ a v and positional Σ a r^v, interleaved per channel.
-        let sv = Tensor::einsum("bgij,bgcj->bgci", &[&similarity, v], None::<&[i64]>);
-        let sve = Tensor::einsum("bgij,cij->bgci", &[&similarity, v_emb], None::<&[i64]>);
-        let out = Tensor::cat(&[sv, sve], -1).view([b, 2 * c, len]);
+        .view([b, 2 * c, len]);
         let out = match &self.bn_output {
             Some(bn) => bn.forward_t(&out, train),
             None => out,
@@ -278,6 +276,56 @@ impl AxialAttention {
         } else {
             out
         }
+    }
+
+    /// The core as separate operations (CUDA, other dtypes, synchronized batch norm, attention
+    /// maps): `qkv` `[B, G, 2gp, L]`, `emb` `[2gp, L, L]` -> `[B, G, gp, 2, L]`, the softmax
+    /// weights appended to `maps` (`n` images).
+    fn core_separate(
+        &self,
+        qkv: &Tensor,
+        emb: &Tensor,
+        outside: Option<&Tensor>,
+        train: bool,
+        maps: Option<&mut Vec<AttentionMap>>,
+        n: i64,
+    ) -> Tensor {
+        let (b, g, _, len) = qkv.size4().unwrap_or((0, 0, 0, 0));
+        let gp = self.cfg.out_planes / self.cfg.heads;
+        let parts = qkv.split_with_sizes([gp / 2, gp / 2, gp], 2);
+        let (q, k, v) = match self.cfg.convention {
+            Convention::Official => (&parts[0], &parts[1], &parts[2]),
+            Convention::Seed => (&parts[1], &parts[0], &parts[2]),
+        };
+        let emb = emb.split_with_sizes([gp / 2, gp / 2, gp], 0);
+        let (q_emb, k_emb, v_emb) = (&emb[0], &emb[1], &emb[2]);
+        // Similarity terms, each [B, G, L, L]: q·k, q·r^q and k·r^k.
+        let qr = Tensor::einsum("bgci,cij->bgij", &[q, q_emb], None::<&[i64]>);
+        let kr = Tensor::einsum("bgci,cij->bgij", &[k, k_emb], None::<&[i64]>).transpose(2, 3);
+        let qk = Tensor::einsum("bgci,bgcj->bgij", &[q, k], None::<&[i64]>);
+        let stacked = Tensor::cat(&[qk, qr, kr], 1); // [B, 3G, L, L]
+        let similarity = self
+            .bn_similarity
+            .forward_t(&stacked, train)
+            .view([b, 3, g, len, len])
+            .sum_dim_intlist(1, false, None);
+        let similarity = match outside {
+            Some(mask) => similarity.masked_fill(mask, f64::NEG_INFINITY),
+            None => similarity,
+        };
+        let similarity = similarity.softmax(3, similarity.kind());
+        if let Some(maps) = maps {
+            maps.push(AttentionMap {
+                layer: self.path.clone(),
+                axis: self.cfg.axis,
+                weights: similarity.detach().view([n, b / n, g, len, len]),
+            });
+        }
+
+        // Outputs [B, G, gp, L]: content Σ a v and positional Σ a r^v, interleaved per channel.
+        let sv = Tensor::einsum("bgij,bgcj->bgci", &[&similarity, v], None::<&[i64]>);
+        let sve = Tensor::einsum("bgij,cij->bgci", &[&similarity, v_emb], None::<&[i64]>);
+        Tensor::stack(&[sv, sve], 3)
     }
 }
 
@@ -328,5 +376,136 @@ mod tests {
         // |i - j| <= 1 inside; the rest point at the zero column 3.
         assert_eq!(idx, vec![1, 0, 3, 3, 2, 1, 0, 3, 3, 2, 1, 0, 3, 3, 2, 1]);
         assert_eq!(out.iter().filter(|o| **o).count(), 6);
+    }
+
+    fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+        let scale = b.abs().max().double_value(&[]).max(0.1);
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(
+            diff <= tol * scale,
+            "{what}: max |fused - separate| = {diff:e} against a scale of {scale:e}"
+        );
+    }
+
+    /// The fused core against the separate operations on the same inputs: outputs, the
+    /// gradients of a random linear function of them with respect to qkv, the embeddings and
+    /// bn_similarity's scale and shift, and the running statistics after the step.
+    fn fused_equals_separate(convention: Convention, span: i64, len: i64, train: bool) {
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let cfg = AttentionConfig {
+            in_planes: 8,
+            out_planes: 16,
+            heads: 2,
+            span,
+            axis: Axis::Height,
+            stride: 1,
+            convention,
+            output_bn: true,
+        };
+        let layer = AxialAttention::new(vs.root() / "attn", cfg);
+        let bn = &layer.bn_similarity;
+        tch::no_grad(|| {
+            bn.weight
+                .shallow_clone()
+                .copy_(&(Tensor::rand([6], tch::kind::FLOAT_CPU) + 0.5));
+            bn.bias
+                .shallow_clone()
+                .copy_(&Tensor::randn([6], tch::kind::FLOAT_CPU));
+            bn.running_mean
+                .shallow_clone()
+                .copy_(&Tensor::randn([6], tch::kind::FLOAT_CPU));
+            bn.running_var
+                .shallow_clone()
+                .copy_(&(Tensor::rand([6], tch::kind::FLOAT_CPU) + 0.5));
+        });
+        let (b, gp) = (6, 8);
+        let qkv = (Tensor::randn([b, 2, 2 * gp, len], tch::kind::FLOAT_CPU) * 1.5)
+            .set_requires_grad(true);
+        let (index, outside) = layer.index_for(len);
+        let table = Tensor::cat(
+            &[
+                layer.relative.shallow_clone(),
+                layer.relative.zeros_like().narrow(1, 0, 1),
+            ],
+            1,
+        );
+        let emb = table
+            .index_select(1, &index)
+            .view([2 * gp, len, len])
+            .detach()
+            .set_requires_grad(true);
+        let weights = Tensor::randn([b, 2, gp, 2, len], tch::kind::FLOAT_CPU);
+        let stats = || (bn.running_mean.copy(), bn.running_var.copy());
+        let start = stats();
+        let run = |fused: bool| {
+            tch::no_grad(|| {
+                bn.running_mean.shallow_clone().copy_(&start.0);
+                bn.running_var.shallow_clone().copy_(&start.1);
+            });
+            for t in [&qkv, &emb, &bn.weight, &bn.bias] {
+                let mut g = t.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let (qoff, koff) = match convention {
+                Convention::Official => (0, gp / 2),
+                Convention::Seed => (gp / 2, 0),
+            };
+            let out = if fused {
+                attention_core::forward(&qkv, &emb, bn, outside.as_ref(), qoff, koff, train)
+                    .expect("the fused core runs")
+            } else {
+                layer.core_separate(&qkv, &emb, outside.as_ref(), train, None, 1)
+            };
+            (&out * &weights).sum(tch::Kind::Float).backward();
+            let grads: Vec<Tensor> = [&qkv, &emb, &bn.weight, &bn.bias]
+                .iter()
+                .map(|t| t.grad().copy())
+                .collect();
+            let (m, v) = stats();
+            (out.detach(), grads, m, v)
+        };
+        let (out_f, grads_f, m_f, v_f) = run(true);
+        let (out_s, grads_s, m_s, v_s) = run(false);
+        let case = format!("{convention:?} span {span} len {len} train {train}");
+        assert_close(&format!("{case}: output"), &out_f, &out_s, 1e-5);
+        for (name, (f, s)) in ["qkv", "embeddings", "bn weight", "bn bias"]
+            .iter()
+            .zip(grads_f.iter().zip(&grads_s))
+        {
+            // (bn_similarity's bias gets no gradient: both are rounding noise around 0.)
+            let tol = if *name == "bn bias" { 1e-3 } else { 1e-4 };
+            assert_close(&format!("{case}: d {name}"), f, s, tol);
+        }
+        assert_close(&format!("{case}: running mean"), &m_f, &m_s, 1e-5);
+        assert_close(&format!("{case}: running var"), &v_f, &v_s, 1e-5);
+        if train {
+            assert!(
+                (&m_f - &start.0).abs().max().double_value(&[]) > 1e-3,
+                "{case}: the running mean moved"
+            );
+        }
+    }
+
+    #[test]
+    fn the_fused_core_equals_the_separate_operations() {
+        for train in [true, false] {
+            fused_equals_separate(Convention::Official, 8, 8, train);
+            fused_equals_separate(Convention::Seed, 8, 8, train);
+            // Local attention: a window of |i - j| <= 2 on an axis of 7.
+            fused_equals_separate(Convention::Official, 3, 7, train);
+            // An axis shorter than the table.
+            fused_equals_separate(Convention::Official, 5, 3, train);
+            // The lengths with vector kernels (4, 8 above, 16, 32), one of them windowed, and
+            // the scalar kernels' 1 and 2.
+            fused_equals_separate(Convention::Official, 4, 4, train);
+            fused_equals_separate(Convention::Seed, 16, 16, train);
+            fused_equals_separate(Convention::Official, 5, 16, train);
+            fused_equals_separate(Convention::Official, 32, 32, train);
+            fused_equals_separate(Convention::Official, 2, 2, train);
+            fused_equals_separate(Convention::Official, 1, 1, train);
+        }
     }
 }

@@ -81,6 +81,20 @@ impl BatchNorm {
         *self.sync.write().unwrap_or_else(|e| e.into_inner()) = ctx;
     }
 
+    /// Whether training statistics are taken over a group of more than one replica.
+    pub fn is_synchronized(&self) -> bool {
+        let ctx = self.sync.read().unwrap_or_else(|e| e.into_inner());
+        ctx.as_ref().is_some_and(|c| c.group.world() > 1)
+    }
+
+    /// Counts one training batch (`num_batches_tracked`), for a caller that normalizes with
+    /// this norm's parameters and statistics itself (the fused attention core).
+    pub fn count_batch(&self) {
+        tch::no_grad(|| {
+            let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+        });
+    }
+
     /// Normalizes over every dimension but the channel dimension 1 (`[N, C]`, `[N, C, L]`,
     /// `[N, C, H, W]`). In training, uses and records the batch statistics.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
@@ -94,9 +108,7 @@ impl BatchNorm {
             }
         }
         if train {
-            tch::no_grad(|| {
-                let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
-            });
+            self.count_batch();
         }
         // libtorch's contiguous kernel loops over the positions of each channel: for a few
         // positions per channel (the attention of the last stages: 2 or 4) it is 3-8x slower

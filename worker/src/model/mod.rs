@@ -12,6 +12,7 @@
 //! - [`batch_norm::BatchNorm`]: PyTorch's batch norm, `num_batches_tracked` included.
 
 pub mod attention;
+pub mod attention_core;
 pub mod batch_norm;
 pub mod block;
 pub mod net;
