@@ -146,7 +146,10 @@ fn forward_reproduces_the_reference_logits_loss_and_gradients() {
             .double_value(&[])
             .max(1e-12);
         let err = max_abs_diff(ours, reference);
-        let noise = max_abs_diff(ours, &exact[key]);
+        // The float32 noise: the larger of our float32 run's and the fixture's distance to our
+        // float64 result. (A gradient that is exactly 0, like bn_similarity's bias under the
+        // softmax, is pure noise in both float32 runs, of different sizes.)
+        let noise = max_abs_diff(ours, &exact[key]).max(max_abs_diff(reference, &exact[key]));
         let bound = if key.starts_with("grad.") {
             1e-3 * scale
         } else {
