@@ -146,7 +146,11 @@ fn official_model_matches_the_pytorch_reference() {
             .get(key)
             .unwrap_or_else(|| panic!("no {key} in our pass"));
         let err = max_abs_diff(value, reference);
-        let noise = max_abs_diff(value, &exact.values[key]);
+        // The float32 noise: the larger of our float32 run's and the fixture's distance to our
+        // float64 result (a gradient that is exactly 0, like bn_similarity's bias under the
+        // softmax, is pure noise in both float32 runs, of different sizes).
+        let noise = max_abs_diff(value, &exact.values[key])
+            .max(max_abs_diff(reference, &exact.values[key]));
         let bound = if grad {
             1e-3 * max_abs(reference).max(1e-12)
         } else {
