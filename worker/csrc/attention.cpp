@@ -816,13 +816,10 @@ extern "C" int axial_attention_core(at::Tensor* qkv, at::Tensor* emb, at::Tensor
         throw std::invalid_argument("fused attention: the mask must be a contiguous CPU bool [L, L] tensor");
       }
     }
-    at::Tensor y;
-    {
-      // The running statistics are buffers: written in place, outside autograd.
-      y = AttentionCoreFn::apply(*qkv, *emb, *gamma, *beta, *running_mean, *running_var, m, heads,
-                                 qoff, koff, train != 0, momentum, eps);
-    }
-    *out = new at::Tensor(std::move(y));
+    // The running statistics are buffers: written in place, outside autograd.
+    *out = new at::Tensor(AttentionCoreFn::apply(*qkv, *emb, *gamma, *beta, *running_mean,
+                                                 *running_var, m, heads, qoff, koff, train != 0,
+                                                 momentum, eps));
     return 0;
   } catch (const std::exception& e) {
     return axial_report(e, err, err_len);
