@@ -5,7 +5,7 @@
 //! machine on the cluster network. Each cluster has its own names and subnet, so tests can run
 //! at the same time.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -20,7 +20,7 @@ pub struct VirtualCluster {
 }
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/virtual-cluster.sh")
+    crate::repo_root().join("scripts/virtual-cluster.sh")
 }
 
 impl VirtualCluster {

@@ -21,11 +21,22 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The checkout the tests run from. `cargo test` names this crate's directory at run time;
+/// the path baked in at compile time is only the fallback (a test executable run by hand),
+/// because a target dir shared by checkouts at other paths (CI's cache) reuses executables
+/// built elsewhere, whose baked path may not exist here.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
+}
+
 /// The shared parity fixtures (`../shared/fixtures` beside the checkout, or `AXIAL_FIXTURES`).
 pub fn fixtures_dir() -> PathBuf {
     std::env::var_os("AXIAL_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
+        .unwrap_or_else(|| repo_root().join("../shared/fixtures"))
 }
 
 /// Runs a command and returns its output; prints both streams so a failing test shows them.

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use axial_e2e::{bin, free_port, free_port_pair, http_get, program, stream_lines, url_encode};
+use axial_e2e::{
+    bin, free_port, free_port_pair, http_get, program, repo_root, stream_lines, url_encode,
+};
 
 const JOB: &str = r#"
 [model]
@@ -41,7 +43,7 @@ keep = 2
 /// 1 s intervals, the rules by absolute path. Every edit must apply, so that a change to the
 /// shipped file shows here.
 fn config_from_shipped(targets: &Path) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = repo_root();
     let shipped = std::fs::read_to_string(root.join("deploy/prometheus/prometheus.yml"))
         .expect("deploy/prometheus/prometheus.yml");
     let k8s = shipped

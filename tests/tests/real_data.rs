@@ -11,12 +11,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use axial_e2e::{bin, run};
+use axial_e2e::{bin, repo_root, run};
 
 /// The job: `examples/digits.toml` (the official layout with one block per stage at width
 /// 0.25, 32 px, the default SGD recipe, 6 epochs), its data and checkpoints moved.
 fn digits_job(data: &Path, dir: &Path) -> PathBuf {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/digits.toml");
+    let example = repo_root().join("examples/digits.toml");
     let text = std::fs::read_to_string(&example).expect("examples/digits.toml");
     let data = data.display().to_string();
     let text = text
@@ -41,7 +41,7 @@ fn digits() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .expect("HOME or XDG_CACHE_HOME")
         .join("axial/data/digits");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/real-data.py");
+    let script = repo_root().join("scripts/real-data.py");
     let out = run(Command::new("python3")
         .arg(&script)
         .arg("digits")

@@ -3,7 +3,7 @@
 //! inputs every run (seeded), a few thousand of them.
 
 use std::io::Cursor;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use axial_common::{JobConfig, Rng};
 use axial_worker::data::manifest::Manifest;
@@ -38,8 +38,7 @@ fn no_panic(what: &str, i: usize, f: impl FnOnce() + std::panic::UnwindSafe) {
 #[test]
 fn job_files() {
     let text =
-        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.toml"))
-            .expect("quickstart");
+        std::fs::read(manifest_dir().join("../examples/quickstart.toml")).expect("quickstart");
     let mut rng = Rng::new(1);
     let inputs = mutations(&text, 400, &mut rng);
     let mut refused = 0;
@@ -185,4 +184,12 @@ fn tar_shards() {
         "{} shards: {opened} opened, {samples} samples readable",
         inputs.len()
     );
+}
+
+/// This crate's directory: the one `cargo test` names at run time, else the one baked in at
+/// compile time (a target dir shared with a checkout elsewhere reuses executables built there).
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }

@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 fn fixture() -> HashMap<String, Tensor> {
     let dir = std::env::var_os("AXIAL_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+        .unwrap_or_else(|| manifest_dir().join("../../shared/fixtures"));
     let path = dir.join("axial26-quarter-official-32px.safetensors");
     let tensors = Tensor::read_safetensors(&path).unwrap_or_else(|e| {
         panic!(
@@ -177,4 +177,12 @@ fn official_model_matches_the_pytorch_reference() {
         counts.0, counts.1, worst.0, worst.1
     );
     assert_eq!(counts, (193, 207));
+}
+
+/// This crate's directory: the one `cargo test` names at run time, else the one baked in at
+/// compile time (a target dir shared with a checkout elsewhere reuses executables built there).
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
