@@ -235,11 +235,10 @@ struct Vec {
   // Backward, pass 1: dv ([gp, L]), d e_v (into dev, [gp, L, L]) and the softmax's backward
   // into ds ([L, L], row-major); part: sum ds, and sum ds x_t. scratch: 3 L * L.
   static AXIAL_INLINE void softmax_backward(Block b, const float* __restrict pt, const float* __restrict o,
-                               const float* __restrict ev, const float* __restrict evt,
+                               const float* __restrict evt,
                                const float* __restrict x, float* __restrict dv,
                                float* __restrict dev, float* __restrict ds,
                                double* __restrict part, float* __restrict scratch) {
-    (void)ev;
     float* p = scratch;
     float* dpt = scratch + LL;
     float* dst = scratch + 2 * LL;
@@ -393,11 +392,10 @@ struct Scalar {
   }
 
   static AXIAL_INLINE void softmax_backward(Block b, const float* __restrict pt, const float* __restrict o,
-                               const float* __restrict ev, const float* __restrict evt,
+                               const float* __restrict evt,
                                const float* __restrict x, float* __restrict dv,
                                float* __restrict dev, float* __restrict ds,
                                double* __restrict part, float* __restrict scratch) {
-    (void)evt;
     const int64_t L = b.L, LL = L * L;
     float* p = scratch;
     float* dp = scratch + LL;
@@ -413,7 +411,7 @@ struct Scalar {
           const float pij = p[i * L + j];
           dvc[j] += dsv[i] * pij;
           dev[ch * LL + i * L + j] += dsve[i] * pij;
-          dp[i * L + j] += dsv[i] * b.v[ch * L + j] + dsve[i] * ev[ch * LL + i * L + j];
+          dp[i * L + j] += dsv[i] * b.v[ch * L + j] + dsve[i] * evt[ch * LL + j * L + i];
         }
       }
     }
@@ -490,13 +488,13 @@ AXIAL_KERNEL void outputs_pass(const Geometry& g, const float* qkv, const float*
 
 template <typename K>
 AXIAL_KERNEL void softmax_backward_pass(const Geometry& g, const float* qkv, const float* pts,
-                                        const float* dout, const float* ev, const float* evt,
+                                        const float* dout, const float* evt,
                                         const float* xs, float* gq, float* dev, float* dss,
                                         double* parts, float* scratch, int64_t begin,
                                         int64_t end) {
   const int64_t LL = g.ll(), L = g.len, gp = g.gp;
   for (int64_t n = begin; n < end; ++n)
-    K::softmax_backward(block(g, qkv, n), pts + n * LL, dout + n * gp * 2 * L, ev, evt,
+    K::softmax_backward(block(g, qkv, n), pts + n * LL, dout + n * gp * 2 * L, evt,
                         xs + n * 3 * LL, gq + n * 2 * gp * L + gp * L, dev, dss + n * LL,
                         parts + n * 4, scratch);
 }
@@ -645,7 +643,6 @@ Backward backward_impl(const Geometry& g, const at::Tensor& qkv_t, const at::Ten
   r.qkv = at::empty_like(qkv_t);
   const at::Tensor embt_t = transposed(emb_t);
   const float* qkv = qkv_t.data_ptr<float>();
-  const float* emb = emb_t.data_ptr<float>();
   const float* embt = embt_t.data_ptr<float>();
   const float* xs = x_t.data_ptr<float>();
   const float* pts = pt_t.data_ptr<float>();
@@ -666,7 +663,7 @@ Backward backward_impl(const Geometry& g, const at::Tensor& qkv_t, const at::Ten
       std::vector<float> scratch(3 * LL);
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
         float* dev = acc.data() + chunk * emb_size + 2 * c * LL;
-        softmax_backward_pass<K>(g, qkv, pts, dout, emb + 2 * c * LL, embt + 2 * c * LL, xs, gq,
+        softmax_backward_pass<K>(g, qkv, pts, dout, embt + 2 * c * LL, xs, gq,
                                  dev, dss.data(), parts.data(), scratch.data(),
                                  g.chunk_begin(chunk), g.chunk_begin(chunk + 1));
       }

@@ -89,7 +89,10 @@ pub struct AxialAttention {
     bn_similarity: BatchNorm,
     bn_output: Option<BatchNorm>,
     relative: Tensor,
-    index: Mutex<Option<RelativeIndex>>,
+    /// One entry per axis length seen, never dropped while the layer lives: a captured CUDA
+    /// graph reads these tensors at their addresses, so an uncaptured pass at another length
+    /// (an eval or a last short batch of another size) must not free the captured one's.
+    index: Mutex<Vec<RelativeIndex>>,
 }
 
 impl AxialAttention {
@@ -135,7 +138,7 @@ impl AxialAttention {
                 .output_bn
                 .then(|| BatchNorm::new(&p / "bn_output", 2 * cfg.out_planes, false)),
             relative: p.var("relative", &[2 * gp, 2 * cfg.span - 1], rel_init),
-            index: Mutex::new(None),
+            index: Mutex::new(Vec::new()),
             cfg,
         }
     }
@@ -163,7 +166,7 @@ impl AxialAttention {
 
     fn index_for(&self, len: i64) -> (Tensor, Option<Tensor>) {
         let mut cache = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cache.as_ref().filter(|c| c.len == len) {
+        if let Some(c) = cache.iter().find(|c| c.len == len) {
             return (
                 c.index.shallow_clone(),
                 c.outside.as_ref().map(Tensor::shallow_clone),
@@ -181,7 +184,7 @@ impl AxialAttention {
             index.shallow_clone(),
             outside.as_ref().map(Tensor::shallow_clone),
         );
-        *cache = Some(RelativeIndex {
+        cache.push(RelativeIndex {
             len,
             index,
             outside,
@@ -376,6 +379,35 @@ mod tests {
         // |i - j| <= 1 inside; the rest point at the zero column 3.
         assert_eq!(idx, vec![1, 0, 3, 3, 2, 1, 0, 3, 3, 2, 1, 0, 3, 3, 2, 1]);
         assert_eq!(out.iter().filter(|o| **o).count(), 6);
+    }
+
+    /// A pass at another axis length must not free the index tensors of the first: a CUDA
+    /// graph captured at that length reads them at their addresses on every replay.
+    #[test]
+    fn index_tensors_of_one_length_outlive_passes_at_another() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let cfg = AttentionConfig {
+            in_planes: 8,
+            out_planes: 16,
+            heads: 2,
+            span: 8,
+            axis: Axis::Height,
+            stride: 1,
+            convention: Convention::Official,
+            output_bn: true,
+        };
+        let layer = AxialAttention::new(vs.root() / "attn", cfg);
+        // Held here, so that a rebuilt index cannot reuse the first one's memory.
+        let first = layer.index_for(16);
+        let before = (first.0.data_ptr(), first.1.as_ref().map(Tensor::data_ptr));
+        let _ = layer.index_for(4);
+        let (index, outside) = layer.index_for(16);
+        assert_eq!(
+            (index.data_ptr(), outside.as_ref().map(Tensor::data_ptr)),
+            before,
+            "the length-16 index was rebuilt after a pass at length 4"
+        );
+        assert!(outside.is_some(), "length 16 > span 8 has a window mask");
     }
 
     fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
