@@ -5,11 +5,11 @@
 use std::ffi::{CStr, c_char, c_int};
 
 /// The buffer a shim call writes its error message into.
-pub(crate) struct ErrorBuf([c_char; 512]);
+pub(crate) struct ErrorBuf([c_char; 1024]);
 
 impl ErrorBuf {
     pub(crate) fn new() -> Self {
-        Self([0; 512])
+        Self([0; 1024])
     }
 
     /// The pointer and length to pass to the shim.

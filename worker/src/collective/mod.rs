@@ -19,10 +19,12 @@
 pub mod ddp;
 pub mod reducer;
 
-use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::ffi::{CString, c_char, c_int, c_void};
 use std::time::Duration;
 
 use tch::Tensor;
+
+use crate::shim::ErrorBuf;
 
 #[allow(unsafe_code)]
 mod ffi {
@@ -549,31 +551,22 @@ pub(crate) fn create(
 }
 
 /// Runs a shim call with an error buffer.
-#[allow(unsafe_code)]
 pub(crate) fn call(
     op: &'static str,
     rank: usize,
     world: usize,
     f: impl FnOnce(*mut c_char, usize) -> c_int,
 ) -> Result<(), CollectiveError> {
-    let mut err = vec![0 as c_char; 1024];
-    if f(err.as_mut_ptr(), err.len()) == 0 {
+    let mut err = ErrorBuf::new();
+    let (ptr, len) = err.raw();
+    if f(ptr, len) == 0 {
         return Ok(());
     }
-    // SAFETY: the shim NUL-terminates within the buffer.
-    let full = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-    // c10's errors carry the C++ stack after their message: keep the message.
-    let message = full
-        .split("\nException raised from")
-        .next()
-        .unwrap_or_default()
-        .trim_end()
-        .to_owned();
     Err(CollectiveError {
         op,
         rank,
         world,
-        message,
+        message: err.text(),
     })
 }
 
