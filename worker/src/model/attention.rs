@@ -213,8 +213,15 @@ impl AxialAttention {
         let xs = xs.contiguous().view([b, self.cfg.in_planes, len]);
 
         // qkv projection: [B, 2C, L] -> per head [q | k | v] (official) or [k | q | v] (seed).
-        let qkv = xs.conv1d(&self.qkv_transform, None::<&Tensor>, [1], [0], [1], 1);
-        let qkv = self.bn_qkv.forward_t(&qkv, train).view([b, g, 2 * gp, len]);
+        let qkv = if train {
+            let qkv = xs.conv1d(&self.qkv_transform, None::<&Tensor>, [1], [0], [1], 1);
+            self.bn_qkv.forward_t(&qkv, train)
+        } else {
+            // Eval: bn_qkv's affine map folded into the projection.
+            let (weight, bias) = self.bn_qkv.fold(&self.qkv_transform);
+            xs.conv1d(&weight, Some(&bias), [1], [0], [1], 1)
+        }
+        .view([b, g, 2 * gp, len]);
 
         // Relative embeddings E[c, i, j] for this axis length: [2gp, L, L].
         let (index, outside) = self.index_for(len);

@@ -95,6 +95,18 @@ impl BatchNorm {
         });
     }
 
+    /// Eval's affine map folded into the bias-free convolution before it: the weight
+    /// `[Cout, ...]` scaled per output channel by `gamma / sqrt(running_var + eps)`, and the
+    /// bias `beta - running_mean * scale` (the same values to float32 rounding, one pass over
+    /// the activations instead of two).
+    pub fn fold(&self, weight: &Tensor) -> (Tensor, Tensor) {
+        let scale = &self.weight * (&self.running_var + EPS).rsqrt();
+        let mut shape = vec![-1i64];
+        shape.resize(weight.dim(), 1);
+        let folded = weight * scale.view(shape.as_slice());
+        (folded, &self.bias - &self.running_mean * &scale)
+    }
+
     /// Normalizes over every dimension but the channel dimension 1 (`[N, C]`, `[N, C, L]`,
     /// `[N, C, H, W]`). In training, uses and records the batch statistics.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {

@@ -7,31 +7,49 @@ use tch::{Tensor, nn};
 use super::attention::{AttentionConfig, AttentionMap, AxialAttention, Axis, Convention};
 use super::batch_norm::BatchNorm;
 
+/// A bias-free 2-D convolution with zero padding `k / 2`, as both references build theirs.
+#[derive(Debug)]
+pub(crate) struct Conv {
+    weight: Tensor,
+    stride: i64,
+    padding: i64,
+}
+
 /// Conv weight init of both references: kaiming normal, fan_out, ReLU gain.
-pub(crate) fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
+pub(crate) fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> Conv {
     let fan_out = (cout * k * k) as f64;
-    nn::conv2d(
-        p,
-        cin,
-        cout,
-        k,
-        nn::ConvConfig {
-            stride,
-            padding: k / 2,
-            bias: false,
-            ws_init: nn::Init::Randn {
-                mean: 0.0,
-                stdev: (2.0 / fan_out).sqrt(),
-            },
-            ..Default::default()
-        },
-    )
+    let init = nn::Init::Randn {
+        mean: 0.0,
+        stdev: (2.0 / fan_out).sqrt(),
+    };
+    Conv {
+        weight: p.var("weight", &[cout, cin, k, k], init),
+        stride,
+        padding: k / 2,
+    }
+}
+
+impl Conv {
+    /// `bn(conv(xs))`. In eval the norm is folded into this convolution's weight and a bias
+    /// ([`BatchNorm::fold`]); in training (batch statistics) the two run one after the other.
+    pub(crate) fn then_norm(&self, bn: &BatchNorm, xs: &Tensor, train: bool) -> Tensor {
+        if train {
+            return bn.forward_t(&self.apply(xs, &self.weight, None), true);
+        }
+        let (weight, bias) = bn.fold(&self.weight);
+        self.apply(xs, &weight, Some(&bias))
+    }
+
+    fn apply(&self, xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        let (s, p) = (self.stride, self.padding);
+        xs.conv2d(weight, bias, [s, s], [p, p], [1, 1], 1)
+    }
 }
 
 /// The shortcut `downsample = [conv1x1(stride), BN]`.
 #[derive(Debug)]
 pub struct Downsample {
-    conv: nn::Conv2D,
+    conv: Conv,
     bn: BatchNorm,
 }
 
@@ -44,7 +62,7 @@ impl Downsample {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.bn.forward_t(&xs.apply(&self.conv), train)
+        self.conv.then_norm(&self.bn, xs, train)
     }
 }
 
@@ -58,11 +76,11 @@ impl Downsample {
 /// ```
 #[derive(Debug)]
 pub struct AxialBlock {
-    conv_in: nn::Conv2D,
+    conv_in: Conv,
     bn_in: BatchNorm,
     height_block: AxialAttention,
     width_block: AxialAttention,
-    conv_out: nn::Conv2D,
+    conv_out: Conv,
     bn_out: BatchNorm,
     downsample: Option<Downsample>,
 }
@@ -124,12 +142,12 @@ impl AxialBlock {
         train: bool,
         mut maps: Option<&mut Vec<AttentionMap>>,
     ) -> Tensor {
-        let out = self.bn_in.forward_t(&xs.apply(&self.conv_in), train).relu(); // [N, planes, H, W]
+        let out = self.conv_in.then_norm(&self.bn_in, xs, train).relu(); // [N, planes, H, W]
         let out = self
             .height_block
             .forward_t(&out, train, maps.as_deref_mut());
         let out = self.width_block.forward_t(&out, train, maps).relu(); // [N, planes, H/s, W/s]
-        let out = self.bn_out.forward_t(&out.apply(&self.conv_out), train); // [N, out, H/s, W/s]
+        let out = self.conv_out.then_norm(&self.bn_out, &out, train); // [N, out, H/s, W/s]
         let identity = match &self.downsample {
             Some(d) => d.forward_t(xs, train),
             None => xs.shallow_clone(),
@@ -143,11 +161,11 @@ impl AxialBlock {
 /// were trained.
 #[derive(Debug)]
 pub struct Bottleneck {
-    conv1: nn::Conv2D,
+    conv1: Conv,
     bn1: BatchNorm,
-    conv2: nn::Conv2D,
+    conv2: Conv,
     bn2: BatchNorm,
-    conv3: nn::Conv2D,
+    conv3: Conv,
     bn3: BatchNorm,
     downsample: Option<Downsample>,
 }
@@ -172,9 +190,9 @@ impl Bottleneck {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let out = self.bn1.forward_t(&xs.apply(&self.conv1), train).relu();
-        let out = self.bn2.forward_t(&out.apply(&self.conv2), train).relu();
-        let out = self.bn3.forward_t(&out.apply(&self.conv3), train);
+        let out = self.conv1.then_norm(&self.bn1, xs, train).relu();
+        let out = self.conv2.then_norm(&self.bn2, &out, train).relu();
+        let out = self.conv3.then_norm(&self.bn3, &out, train);
         let identity = match &self.downsample {
             Some(d) => d.forward_t(xs, train),
             None => xs.shallow_clone(),
@@ -228,5 +246,54 @@ impl Block {
             Block::Axial(b) => vec![&b.height_block, &b.width_block],
             Block::Conv(_) => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// Eval's norm folded into the convolution gives conv-then-norm's values (strided 3x3 with
+    /// padding, and 1x1); training still normalizes with the batch statistics and counts them.
+    #[test]
+    fn eval_folds_the_norm_into_the_convolution_with_the_same_values() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let bn = BatchNorm::new(vs.root() / "bn", 6, false);
+        tch::no_grad(|| {
+            let set = |t: &Tensor, v: Tensor| {
+                let _ = t.shallow_clone().copy_(&v);
+            };
+            set(&bn.weight, Tensor::randn([6], tch::kind::FLOAT_CPU));
+            set(&bn.bias, Tensor::randn([6], tch::kind::FLOAT_CPU));
+            set(&bn.running_mean, Tensor::randn([6], tch::kind::FLOAT_CPU));
+            set(
+                &bn.running_var,
+                Tensor::rand([6], tch::kind::FLOAT_CPU) + 0.1,
+            );
+        });
+        let x = Tensor::randn([2, 4, 9, 7], tch::kind::FLOAT_CPU);
+        for (k, stride) in [(3, 2), (1, 1), (7, 2)] {
+            let c = conv(vs.root() / format!("conv{k}"), 4, 6, k, stride);
+            let unfolded = bn.forward_t(&c.apply(&x, &c.weight, None), false);
+            let folded = c.then_norm(&bn, &x, false);
+            assert_eq!(folded.size(), unfolded.size());
+            let scale = unfolded.abs().max().double_value(&[]);
+            let diff = (&folded - &unfolded).abs().max().double_value(&[]);
+            assert!(
+                diff <= 1e-5 * scale,
+                "{k}x{k}/{stride}: folded differs by {diff:e} (scale {scale:e})"
+            );
+        }
+        let c = conv(vs.root() / "train", 4, 6, 1, 1);
+        let y = c.then_norm(&bn, &x, true);
+        assert_eq!(bn.num_batches_tracked.int64_value(&[]), 1);
+        let mean = y.mean_dim([0i64, 2, 3].as_slice(), false, Kind::Float);
+        let off = (mean - &bn.bias).abs().max().double_value(&[]);
+        assert!(
+            off < 1e-4,
+            "training output not normalized with the batch statistics: {off:e}"
+        );
     }
 }

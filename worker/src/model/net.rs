@@ -13,12 +13,12 @@ use tch::{Tensor, nn};
 
 use super::attention::{AttentionMap, AxialAttention};
 use super::batch_norm::{BatchNorm, SyncContext};
-use super::block::{AxialBlock, Block, Bottleneck, conv};
+use super::block::{AxialBlock, Block, Bottleneck, Conv, conv};
 
 #[derive(Debug)]
 pub struct AxialResNet {
     config: ModelConfig,
-    conv1: nn::Conv2D,
+    conv1: Conv,
     bn1: BatchNorm,
     layers: Vec<Vec<Block>>,
     fc: nn::Linear,
@@ -110,7 +110,7 @@ impl AxialResNet {
         train: bool,
         mut maps: Option<&mut Vec<AttentionMap>>,
     ) -> Tensor {
-        let mut out = self.bn1.forward_t(&xs.apply(&self.conv1), train).relu(); // [N, 64s, H/2, W/2]
+        let mut out = self.conv1.then_norm(&self.bn1, xs, train).relu(); // [N, 64s, H/2, W/2]
         out = out.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false); // [N, 64s, H/4, W/4]
         for stage in &self.layers {
             for block in stage {
