@@ -263,7 +263,7 @@ mod tests {
         let bn = BatchNorm::new(vs.root() / "bn", 6, false);
         tch::no_grad(|| {
             let set = |t: &Tensor, v: Tensor| {
-                let _ = t.shallow_clone().copy_(&v);
+                t.shallow_clone().copy_(&v);
             };
             set(&bn.weight, Tensor::randn([6], tch::kind::FLOAT_CPU));
             set(&bn.bias, Tensor::randn([6], tch::kind::FLOAT_CPU));
