@@ -1,12 +1,14 @@
-//! `axial-worker forward` reproduces the PyTorch reference from the reference's own files, and
-//! turns bad input into clear errors.
+//! `axial-worker forward` reproduces the exact (float64) results of the PyTorch twin from the
+//! files a user has (the authors' fixture, the seed layout), and turns bad input into clear
+//! errors.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use axial_e2e::{bin, fixtures_dir, run};
-use tch::{Kind, Tensor};
+use axial_worker::parity::{Fixture, ensure_fixtures};
+use tch::Tensor;
 
 const MODEL: &str = "[model]\nvariant = \"official\"\nlayers = [1, 2, 4, 1]\nwidth = 0.25\nheads = 8\nnum_classes = 10\nimage_size = 32\n";
 
@@ -72,105 +74,74 @@ fn forward(f: &Files, extra: &[&str], output: &Path) -> std::process::Output {
         .args(extra))
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
-}
-
-#[test]
-fn forward_reproduces_the_reference_logits_loss_and_gradients() {
-    let f = files();
-    let eval_out = f.path("eval.safetensors");
-    assert!(forward(&f, &[], &eval_out).status.success());
-    let eval: HashMap<String, Tensor> = Tensor::read_safetensors(&eval_out)
-        .expect("read")
-        .into_iter()
-        .collect();
-    let e = max_abs_diff(&eval["logits"], &f.fixture["logits_eval"]);
-    println!("eval logits: max abs error {e:.3e}");
-    assert!(e <= 1e-4);
-    assert!(!eval.contains_key("loss"), "no labels, no loss");
-
-    let train_out = f.path("train.safetensors");
-    let labels = f.path("labels.safetensors");
-    let read = |path: &Path| -> HashMap<String, Tensor> {
-        Tensor::read_safetensors(path)
+/// Runs `axial-worker forward` on a parity case's files (eval, then train with labels) and
+/// holds its logits, loss, gradients and running statistics to the exact values
+/// (`axial_worker::parity`: within 3x PyTorch's own float32 distance to the float64 twin).
+fn forward_matches_the_exact_values(case: &str) {
+    let dir = std::env::var_os("AXIAL_PARITY_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("parity-fixtures"));
+    let dir = ensure_fixtures(&axial_e2e::repo_root(), &dir).unwrap_or_else(|e| panic!("{e}"));
+    let fx = Fixture::load(&dir, case).unwrap_or_else(|e| panic!("{e}"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| tmp.path().join(name);
+    std::fs::write(path("model.toml"), &fx.model).expect("write");
+    let state: Vec<(&str, &Tensor)> = fx.state.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    Tensor::write_safetensors(&state, path("weights.safetensors")).expect("write");
+    Tensor::write_safetensors(&[("input", &fx.input)], path("input.safetensors")).expect("write");
+    Tensor::write_safetensors(&[("labels", &fx.labels)], path("labels.safetensors"))
+        .expect("write");
+    let run_forward = |extra: &[&str], out: &Path| -> HashMap<String, Tensor> {
+        let status = run(Command::new(bin("axial-worker"))
+            .arg("forward")
+            .arg("--model")
+            .arg(path("model.toml"))
+            .arg("--weights")
+            .arg(path("weights.safetensors"))
+            .arg("--input")
+            .arg(path("input.safetensors"))
+            .arg("--output")
+            .arg(out)
+            .args(["--device", "cpu"])
+            .args(extra))
+        .status;
+        assert!(status.success(), "axial-worker forward failed");
+        Tensor::read_safetensors(out)
             .expect("read")
             .into_iter()
             .collect()
     };
-    let train_args = ["--train", "--labels", labels.to_str().expect("utf8")];
-    let out = forward(&f, &train_args, &train_out);
-    assert!(out.status.success());
-    let train = read(&train_out);
-    // The same computation in float64: how far float32 rounding alone moves each result.
-    let exact_out = f.path("train64.safetensors");
-    let out = forward(&f, &[&train_args[..], &["--double"]].concat(), &exact_out);
-    assert!(out.status.success());
-    let exact = read(&exact_out);
-    let e_logits = max_abs_diff(&train["logits"], &f.fixture["logits_train"]);
-    let e_loss = max_abs_diff(&train["loss"], &f.fixture["loss_train"]);
-    // The fixture's tolerance: 1e-4 absolute plus 1e-4 relative to the largest value (the
-    // bound scripts/pytorch/check_fixtures.py applies; train-mode logits pass some 30 batch
-    // norms, and 1.09e-4 against 2.4e-4 was seen).
-    let bound = |r: &Tensor| 1e-4 + 1e-4 * r.abs().max().double_value(&[]);
-    let (b_logits, b_loss) = (
-        bound(&f.fixture["logits_train"]),
-        bound(&f.fixture["loss_train"]),
+    let eval = run_forward(&[], &path("eval.safetensors"));
+    assert!(!eval.contains_key("loss"), "no labels, no loss");
+    let labels = path("labels.safetensors");
+    let mut ours = run_forward(
+        &["--train", "--labels", labels.to_str().expect("utf8")],
+        &path("train.safetensors"),
     );
-    println!(
-        "train logits: max abs error {e_logits:.3e} (bound {b_logits:.2e}); loss: {e_loss:.3e} (bound {b_loss:.2e})"
+    assert_eq!(ours["loss"].size(), [1]);
+    let logits = ours.remove("logits").expect("logits");
+    ours.insert("logits_train".to_owned(), logits);
+    ours.insert("logits_eval".to_owned(), eval["logits"].shallow_clone());
+    let report = fx.compare(&ours);
+    println!("{report}");
+    assert!(report.failures().is_empty(), "{report}");
+    assert!(
+        report.rows.len() > 100,
+        "{} results compared",
+        report.rows.len()
     );
-    assert!(e_logits <= b_logits && e_loss <= b_loss);
-    assert_eq!(train["loss"].size(), [1]);
-    // Gradients within 1e-3 of each tensor's largest value, running statistics within 1e-5
-    // (the fixture's tolerances), or, where the float32 rounding of this train-mode pass
-    // (some 30 batch norms in a row, each amplifying it) is larger than that, within 6x our
-    // own float32-vs-float64 difference: the fixture is a float32 run too, so it carries the
-    // same kind of noise, while a different computation misses by orders of magnitude.
-    let mut compared = 0;
-    let mut by_noise = Vec::new();
-    for (key, reference) in &f.fixture {
-        if !(key.starts_with("grad.") || key.starts_with("after_train.")) {
-            continue;
-        }
-        let ours = train
-            .get(key)
-            .unwrap_or_else(|| panic!("output lacks {key}"));
-        let scale = reference
-            .to_kind(Kind::Double)
-            .abs()
-            .max()
-            .double_value(&[])
-            .max(1e-12);
-        let err = max_abs_diff(ours, reference);
-        // The float32 noise: the larger of our float32 run's and the fixture's distance to our
-        // float64 result. (A gradient that is exactly 0, like bn_similarity's bias under the
-        // softmax, is pure noise in both float32 runs, of different sizes.)
-        let noise = max_abs_diff(ours, &exact[key]).max(max_abs_diff(reference, &exact[key]));
-        let bound = if key.starts_with("grad.") {
-            1e-3 * scale
-        } else {
-            1e-5
-        };
-        assert!(
-            err <= bound.max(6.0 * noise),
-            "{key}: error {err:.3e} (bound {bound:.3e}, float32 noise {noise:.3e})"
-        );
-        if err > bound {
-            by_noise.push(format!("{key} ({:.1}x noise)", err / noise));
-        }
-        compared += 1;
-    }
-    println!(
-        "{} within the float32 noise rather than the fixed bound: {}",
-        by_noise.len(),
-        by_noise.join(", ")
-    );
-    println!("compared {compared} gradients and running statistics");
-    assert_eq!(compared, 193 + 207);
+}
+
+#[test]
+fn forward_reproduces_the_authors_fixture_exactly() {
+    forward_matches_the_exact_values("authors");
+}
+
+/// The seed project's layout, trained as a new user trains it (the fused core's lengths 16,
+/// 8, 4 and 2).
+#[test]
+fn forward_reproduces_the_seed_layout_exactly() {
+    forward_matches_the_exact_values("seed-64px");
 }
 
 fn fails_with(out: &std::process::Output, needles: &[&str]) {

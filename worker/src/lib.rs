@@ -13,6 +13,8 @@
 //! - [`join`]: `axial-worker join`, one rank of a distributed job; [`rendezvous`]: the
 //!   coordinator's rendezvous store under c10d; [`address`]: the address a rank advertises;
 //!   [`local_ranks`]: `join --local-ranks N`, one rank per GPU of a machine.
+//! - [`parity`]: exact reference values (the PyTorch twin in float64) and the bound that the
+//!   parity tests hold our float32 results to.
 //! - [`profile`]: libtorch's operator profiler, for the benches.
 //! - [`error::Error`]: the crate's one error type.
 
@@ -27,6 +29,7 @@ pub mod join;
 pub mod local_ranks;
 pub mod metrics;
 pub mod model;
+pub mod parity;
 pub mod profile;
 pub mod rendezvous;
 mod shim;
