@@ -572,6 +572,29 @@ impl ModelConfig {
                 ));
             }
         }
+        // Official strided blocks halve the map twice over: AvgPool (floor) after the attention,
+        // a 1x1/2 conv (ceil) on the shortcut. On an odd axis the two disagree by one pixel and
+        // the residual sum cannot be formed.
+        if self.variant == Variant::Official {
+            for (stage, blocks) in self.stages().iter().enumerate() {
+                if let Some(b) = blocks.iter().find(|b| b.stride == 2)
+                    && (b.attended.0 % 2 != 0 || b.attended.1 % 2 != 0)
+                {
+                    return Err(ConfigError::invalid(
+                        "model.image_size",
+                        format!("[{height}, {width}]"),
+                        format!(
+                            "stage {} of the official layout halves a {} x {} map, which needs even sides \
+                             (AvgPool after the attention and the strided shortcut round odd sides apart); \
+                             sides that are multiples of 32 always work",
+                            stage + 1,
+                            b.attended.0,
+                            b.attended.1
+                        ),
+                    ));
+                }
+            }
+        }
         let (h, w) = self.final_size();
         if h < 1 || w < 1 {
             return Err(ConfigError::invalid(
@@ -693,6 +716,10 @@ mod tests {
             ("[train]\nepochs = 1\n", "[model]"),
             ("[model\n", "test.toml"),
             ("[model]\nvariant = \"seed\"\n", "layers"),
+            (
+                "[model]\narch = \"axial26s\"\nimage_size = [44, 36]\n",
+                "model.image_size",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(text).expect_err(text).to_string();

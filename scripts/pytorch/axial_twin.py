@@ -235,6 +235,13 @@ class ModelConfig:
             if p % self.heads or (p // self.heads) % 2:
                 raise ValueError(f"model.heads = {self.heads}: stage {stage + 1} has {p} channels, "
                                  "which must split into heads of an even depth")
+        if self.variant == "official":
+            for stage, blocks in enumerate(self.stages()):
+                for b in blocks:
+                    if b.stride == 2 and (b.attended[0] % 2 or b.attended[1] % 2):
+                        raise ValueError(f"model.image_size = {self.image_size}: stage {stage + 1} "
+                                         f"halves a {b.attended[0]} x {b.attended[1]} map, which "
+                                         "needs even sides")
         h, w = self.final_size()
         if h < 1 or w < 1:
             raise ValueError(f"model.image_size = {self.image_size}: too small")
