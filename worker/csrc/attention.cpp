@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "group.hpp"
 #include "shim_error.hpp"
 
 #include <algorithm>
@@ -532,15 +533,29 @@ struct Forward {
   at::Tensor x;             // [B * G, 3, L, L] logits
   at::Tensor pt;            // [B * G, L, L] softmax weights, transposed per block
   at::Tensor mean, invstd;  // [3 G] the statistics used
+  double count = 0.0;       // logits per channel behind the statistics (all ranks')
 };
+
+// Sums a few per-channel values over the ranks of `group` in place (float64, one all-reduce);
+// nothing without a group.
+void sum_over_ranks(const axial::Group* group, std::vector<double>& values) {
+  if (group == nullptr) return;
+  at::Tensor t = at::tensor(values, at::TensorOptions().dtype(at::kDouble));
+  axial::sum_over_ranks(*group, t);
+  const double* summed = t.data_ptr<double>();
+  std::copy(summed, summed + values.size(), values.begin());
+}
 
 // Per-channel transposes of the embeddings: embt[c, i, j] = emb[c, j, i].
 at::Tensor transposed(const at::Tensor& emb) { return emb.transpose(1, 2).contiguous(); }
 
+// group: in training, the statistics are those of every rank's batch (synchronized batch
+// norm): the per-channel sums and the count are summed over the ranks, one all-reduce.
 Forward forward_impl(const Geometry& g, const at::Tensor& qkv_t, const at::Tensor& emb_t,
                      const at::Tensor& gamma_t, const at::Tensor& beta_t,
                      const at::Tensor& running_mean, const at::Tensor& running_var,
-                     const at::Tensor& mask_t, bool train, double momentum, double eps) {
+                     const at::Tensor& mask_t, bool train, double momentum, double eps,
+                     const axial::Group* group) {
   const int64_t L = g.len, LL = g.ll(), c = g.c(), G = g.heads, nb = g.blocks();
   auto opts = qkv_t.options();
   Forward f;
@@ -564,7 +579,8 @@ Forward forward_impl(const Geometry& g, const at::Tensor& qkv_t, const at::Tenso
   auto rm = running_mean.accessor<float, 1>();
   auto rv = running_var.accessor<float, 1>();
   if (train) {
-    const double count = static_cast<double>(g.batch) * LL;
+    // Per channel t G + h: sum x (at ch), sum x^2 (at 3 G + ch); the count last.
+    std::vector<double> sums(6 * G + 1, 0.0);
     for (int t = 0; t < 3; ++t) {
       for (int64_t h = 0; h < G; ++h) {
         double s = 0.0, ss = 0.0;
@@ -572,15 +588,22 @@ Forward forward_impl(const Geometry& g, const at::Tensor& qkv_t, const at::Tenso
           s += parts[(b * G + h) * 6 + t];
           ss += parts[(b * G + h) * 6 + 3 + t];
         }
-        const double mu = s / count;
-        const double var = std::max(ss / count - mu * mu, 0.0);
-        const int64_t ch = t * G + h;
-        mean[ch] = mu;
-        invstd[ch] = 1.0 / std::sqrt(var + eps);
-        const double unbiased = count > 1.0 ? var * count / (count - 1.0) : var;
-        rm[ch] = static_cast<float>((1.0 - momentum) * rm[ch] + momentum * mu);
-        rv[ch] = static_cast<float>((1.0 - momentum) * rv[ch] + momentum * unbiased);
+        sums[t * G + h] = s;
+        sums[3 * G + t * G + h] = ss;
       }
+    }
+    sums[6 * G] = static_cast<double>(g.batch) * LL;
+    sum_over_ranks(group, sums);
+    const double count = sums[6 * G];
+    f.count = count;
+    for (int64_t ch = 0; ch < 3 * G; ++ch) {
+      const double mu = sums[ch] / count;
+      const double var = std::max(sums[3 * G + ch] / count - mu * mu, 0.0);
+      mean[ch] = mu;
+      invstd[ch] = 1.0 / std::sqrt(var + eps);
+      const double unbiased = count > 1.0 ? var * count / (count - 1.0) : var;
+      rm[ch] = static_cast<float>((1.0 - momentum) * rm[ch] + momentum * mu);
+      rv[ch] = static_cast<float>((1.0 - momentum) * rv[ch] + momentum * unbiased);
     }
   } else {
     for (int64_t ch = 0; ch < 3 * G; ++ch) {
@@ -632,10 +655,14 @@ struct Backward {
   at::Tensor qkv, emb, gamma, beta;
 };
 
+// group: the batch norm's two sums (sum dy, sum dy x) are summed over the ranks, one
+// all-reduce, for the logits' gradients (synchronized batch norm); the scale's and shift's own
+// gradients stay this rank's (the gradient all-reduce sums them). count: every rank's.
 Backward backward_impl(const Geometry& g, const at::Tensor& qkv_t, const at::Tensor& emb_t,
                        const at::Tensor& gamma_t, const at::Tensor& x_t, const at::Tensor& pt_t,
                        const at::Tensor& mean_t, const at::Tensor& invstd_t,
-                       const at::Tensor& dout_t, bool train) {
+                       const at::Tensor& dout_t, bool train, double count,
+                       const axial::Group* group) {
   const int64_t L = g.len, LL = g.ll(), c = g.c(), G = g.heads, nb = g.blocks();
   const int64_t gp = g.gp;
   auto opts = qkv_t.options();
@@ -671,42 +698,43 @@ Backward backward_impl(const Geometry& g, const at::Tensor& qkv_t, const at::Ten
   });
 
   // The batch norm's per-channel sums: d beta = sum dy, d gamma = sum dy xhat (dy, the
-  // gradient of each term's normalized logits, is the same for the three terms).
+  // gradient of each term's normalized logits, is the same for the three terms). local: sum dy
+  // per head (at h), sum dy x_t per channel (at G + t G + h).
   const float* gamma = gamma_t.data_ptr<float>();
-  std::vector<double> sum_dy(G, 0.0), sum_dy_xhat(3 * G, 0.0);
+  std::vector<double> local(4 * G, 0.0);
   for (int64_t h = 0; h < G; ++h) {
-    double s = 0.0, st[3] = {0.0, 0.0, 0.0};
     for (int64_t b = 0; b < g.batch; ++b) {
       const double* part = parts.data() + (b * G + h) * 4;
-      s += part[0];
-      for (int t = 0; t < 3; ++t) st[t] += part[1 + t];
-    }
-    sum_dy[h] = s;
-    for (int t = 0; t < 3; ++t) {
-      const int64_t ch = t * G + h;
-      sum_dy_xhat[ch] = sf[ch] * (st[t] - mf[ch] * s);  // xhat = (x - mean) invstd
+      local[h] += part[0];
+      for (int t = 0; t < 3; ++t) local[G + t * G + h] += part[1 + t];
     }
   }
+  std::vector<double> global = local;
+  if (train) sum_over_ranks(group, global);
   r.gamma = at::empty({3 * G}, opts);
   r.beta = at::empty({3 * G}, opts);
   float* dg = r.gamma.data_ptr<float>();
   float* db = r.beta.data_ptr<float>();
-  const double count = static_cast<double>(g.batch) * LL;
   std::vector<Norm> norms(G);
   for (int64_t h = 0; h < G; ++h) {
     Norm& nm = norms[h];
     nm.shift = 0.0f;
     for (int t = 0; t < 3; ++t) {
       const int64_t ch = t * G + h;
-      dg[ch] = static_cast<float>(sum_dy_xhat[ch]);
-      db[ch] = static_cast<float>(sum_dy[h]);
+      // xhat = (x - mean) invstd
+      dg[ch] = static_cast<float>(sf[ch] * (local[G + ch] - mf[ch] * local[h]));
+      db[ch] = static_cast<float>(local[h]);
       const double a = static_cast<double>(gamma[ch]) * sf[ch];
       nm.a[t] = static_cast<float>(a);
-      // Training: a (dy - mean(dy) - xhat mean(dy xhat)) = a dy + kx x + k0.
-      const double mdy = sum_dy[h] / count;
-      const double mdyx = sum_dy_xhat[ch] / count;
-      nm.kx[t] = static_cast<float>(-a * sf[ch] * mdyx);
-      nm.k0[t] = static_cast<float>(-a * mdy + a * sf[ch] * mdyx * mf[ch]);
+      // Training: a (dy - mean(dy) - xhat mean(dy xhat)) = a dy + kx x + k0, the means over
+      // the whole (global) batch. (Eval: the statistics are constants.)
+      nm.kx[t] = nm.k0[t] = 0.0f;
+      if (train) {
+        const double mdy = global[h] / count;
+        const double mdyx = sf[ch] * (global[G + ch] - mf[ch] * global[h]) / count;
+        nm.kx[t] = static_cast<float>(-a * sf[ch] * mdyx);
+        nm.k0[t] = static_cast<float>(-a * mdy + a * sf[ch] * mdyx * mf[ch]);
+      }
     }
   }
 
@@ -742,15 +770,17 @@ struct AttentionCoreFn : public torch::autograd::Function<AttentionCoreFn> {
   static at::Tensor forward(AutogradContext* ctx, at::Tensor qkv, at::Tensor emb, at::Tensor gamma,
                             at::Tensor beta, at::Tensor running_mean, at::Tensor running_var,
                             at::Tensor mask, int64_t heads, int64_t qoff, int64_t koff,
-                            bool train, double momentum, double eps) {
+                            bool train, double momentum, double eps, int64_t group) {
     const Geometry g{qkv.size(0), heads, qkv.size(2) / 2, qkv.size(3), qoff, koff};
     Forward f = forward_impl(g, qkv, emb, gamma, beta, running_mean, running_var, mask, train,
-                             momentum, eps);
+                             momentum, eps, reinterpret_cast<const axial::Group*>(group));
     ctx->save_for_backward({qkv, emb, gamma, f.x, f.pt, f.mean, f.invstd});
     ctx->saved_data["heads"] = heads;
     ctx->saved_data["qoff"] = qoff;
     ctx->saved_data["koff"] = koff;
     ctx->saved_data["train"] = train;
+    ctx->saved_data["count"] = f.count;
+    ctx->saved_data["group"] = group;
     return f.out;
   }
 
@@ -761,10 +791,12 @@ struct AttentionCoreFn : public torch::autograd::Function<AttentionCoreFn> {
                      qkv.size(3), ctx->saved_data["qoff"].toInt(),
                      ctx->saved_data["koff"].toInt()};
     at::Tensor dout = grads[0].contiguous();
-    Backward b = backward_impl(g, qkv, saved[1], saved[2], saved[3], saved[4], saved[5],
-                               saved[6], dout, ctx->saved_data["train"].toBool());
+    Backward b = backward_impl(
+        g, qkv, saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], dout,
+        ctx->saved_data["train"].toBool(), ctx->saved_data["count"].toDouble(),
+        reinterpret_cast<const axial::Group*>(ctx->saved_data["group"].toInt()));
     at::Tensor none;
-    return {b.qkv, b.emb, b.gamma, b.beta, none, none, none, none, none, none, none, none, none};
+    return {b.qkv, b.emb, b.gamma, b.beta, none, none, none, none, none, none, none, none, none, none};
   }
 };
 
@@ -784,13 +816,16 @@ void check(const at::Tensor& t, const char* what, std::vector<int64_t> shape) {
 
 // qkv: [B, G, 2 gp, L] (q at channel qoff, k at koff, v at gp of each head); emb: [2 gp, L, L]
 // (e_q, e_k, e_v); gamma, beta, running_mean, running_var: bn_similarity's [3 G] (channel
-// t G + g for term t of head g); mask: [L, L] bool (true: out of the window) or null.
+// t G + g for term t of head g); mask: [L, L] bool (true: out of the window) or null; group:
+// an axial::Group (c10d_shim.cpp) whose ranks' batches the training statistics span
+// (synchronized batch norm: one all-reduce in the forward, one in the backward), or null.
 // *out receives a new [B, G, gp, 2, L] tensor (sv and sve per channel), owned by the caller.
 extern "C" int axial_attention_core(at::Tensor* qkv, at::Tensor* emb, at::Tensor* gamma,
                                     at::Tensor* beta, at::Tensor* running_mean,
                                     at::Tensor* running_var, at::Tensor* mask, int64_t heads,
                                     int64_t qoff, int64_t koff, int train, double momentum,
-                                    double eps, at::Tensor** out, char* err, size_t err_len) {
+                                    double eps, void* group, at::Tensor** out, char* err,
+                                    size_t err_len) {
   try {
     if (qkv->dim() != 4 || qkv->size(1) != heads || qkv->size(2) % 4 != 0 || heads < 1) {
       throw std::invalid_argument("fused attention: qkv must be [B, heads, 2 gp, L] with gp even, got " +
@@ -816,7 +851,7 @@ extern "C" int axial_attention_core(at::Tensor* qkv, at::Tensor* emb, at::Tensor
     // The running statistics are buffers: written in place, outside autograd.
     *out = new at::Tensor(AttentionCoreFn::apply(*qkv, *emb, *gamma, *beta, *running_mean,
                                                  *running_var, m, heads, qoff, koff, train != 0,
-                                                 momentum, eps));
+                                                 momentum, eps, reinterpret_cast<int64_t>(group)));
     return 0;
   } catch (const std::exception& e) {
     return axial_report(e, err, err_len);

@@ -98,6 +98,15 @@ struct AllReduceSumFn : public torch::autograd::Function<AllReduceSumFn> {
 
 }  // namespace
 
+namespace axial {
+
+void sum_over_ranks(const Group& g, at::Tensor& t) {
+  std::vector<at::Tensor> ts{t};
+  timed_sum(g, ts);
+}
+
+}  // namespace axial
+
 extern "C" {
 
 // Seconds the group's differentiable all-reduces have taken, in all.

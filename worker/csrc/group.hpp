@@ -104,6 +104,11 @@ inline at::Tensor flat_alias(const std::vector<at::Tensor>& parts) {
   return flat;
 }
 
+// In-place sum over the group's ranks of one contiguous tensor, its time counted in the
+// group's sync_wait_ns (synchronized batch norm; c10d_shim.cpp). Throws, with the collective
+// failure mark, when the collective fails.
+void sum_over_ranks(const Group& g, at::Tensor& t);
+
 // Runs `f`, turning any exception into an error text and a non-zero return: nothing throws
 // across the C ABI.
 template <typename F>

@@ -462,6 +462,112 @@ fn sync_batch_norm_matches_one_big_batch() {
     }
 }
 
+/// Synchronized batch norm (every norm, `sync_bn = "all"`) on 2 ranks with uneven shares
+/// equals one rank on the whole batch, against the exact values: the PyTorch twin in float64
+/// on the whole batch (`axial_worker::parity`, the bound of the parity tests). Eval and train
+/// logits, the loss, every gradient (all-reduced) and every running statistic, through the
+/// fused attention core (which sums the statistics over the group itself) and through the
+/// separate operations.
+#[test]
+fn synchronized_step_matches_the_exact_big_batch() {
+    const CASES: [(&str, i64); 3] = [
+        ("seed-hybrid-odd", 2),
+        ("official-odd", 1),
+        ("seed-64px", 3),
+    ];
+    let fixtures = || {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("parity-fixtures");
+        let checkout = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        axial_worker::parity::ensure_fixtures(&checkout, &dir).unwrap_or_else(|e| panic!("{e}"))
+    };
+    if let Some(c) = child() {
+        let pg = Arc::new(join(&c));
+        let ctx = SyncContext::new(pg.clone());
+        let mut report = String::new();
+        for (case, first) in CASES {
+            let fx = axial_worker::parity::Fixture::load(&fixtures(), case).expect("fixture");
+            for fused in [true, false] {
+                axial_worker::model::attention_core::set_enabled(fused);
+                let spec = ModelSpec::from_toml_document(&fx.model, case).expect("model");
+                let model = Model::new(&spec.resolve().expect("valid"), Device::Cpu, 0);
+                let state = fx.state.iter().map(|(k, v)| (k.clone(), v.shallow_clone()));
+                model.load_state_dict(state.collect()).expect("state");
+                model.net.set_sync_bn(Some(ctx.clone()), SyncBn::All);
+                let n = fx.input.size()[0];
+                let (from, len) = if c.rank == 0 {
+                    (0, first)
+                } else {
+                    (first, n - first)
+                };
+                let x = fx.input.narrow(0, from, len);
+                let y = fx.labels.narrow(0, from, len);
+                // Each rank's rows of the logits, summed into the whole batch's.
+                let whole = |part: &Tensor| {
+                    let all = Tensor::zeros([n, part.size()[1]], (Kind::Float, Device::Cpu));
+                    all.narrow(0, from, len).copy_(part);
+                    pg.allreduce_sum(std::slice::from_ref(&all))
+                        .expect("logits");
+                    all
+                };
+                let logits_eval = whole(&tch::no_grad(|| model.net.forward_t(&x, false)));
+                let before = axial_worker::model::attention_core::calls();
+                let logits = model.net.forward_t(&x, true);
+                let ran = axial_worker::model::attention_core::calls() - before;
+                assert_eq!(
+                    ran > 0,
+                    fused,
+                    "{case}: the fused core ran {ran} times (fused: {fused})"
+                );
+                let loss = cross_entropy(&logits, &y) * (len as f64 / n as f64);
+                loss.backward();
+                assert!(ctx.take_error().is_none());
+                let mut ours = std::collections::HashMap::new();
+                let names = axial_worker::model::weights::NameTable::for_variant(
+                    model.net.config().variant,
+                );
+                let mut grads = Vec::new();
+                for (name, var) in params(&model) {
+                    grads.push(var.grad());
+                    ours.insert(format!("grad.{}", names.external(&name)), var.grad());
+                }
+                allreduce_gradients(&pg, &grads, BUCKET_BYTES).expect("gradients");
+                let loss = loss.detach().reshape([1]);
+                pg.allreduce_sum(std::slice::from_ref(&loss)).expect("loss");
+                ours.insert("loss".into(), loss);
+                ours.insert("logits_eval".into(), logits_eval);
+                ours.insert("logits_train".into(), whole(&logits.detach()));
+                for (name, value) in model.state_dict() {
+                    if name.contains("running_") || name.ends_with("num_batches_tracked") {
+                        ours.insert(format!("after_train.{name}"), value);
+                    }
+                }
+                let r = fx.compare(&ours);
+                println!("[rank {} fused {fused}] {r}", c.rank);
+                let worst = r.worst().expect("rows");
+                report += &format!(
+                    "{case} fused {fused}: {} of {} outside the bound (worst {:.2} of its bound: {})\n",
+                    r.failures().len(),
+                    r.rows.len(),
+                    worst.ratio(),
+                    worst.key
+                );
+                if !r.failures().is_empty() {
+                    report += &r.to_string();
+                }
+            }
+        }
+        std::fs::write(c.out.join(format!("exact{}", c.rank)), report).expect("write");
+        return;
+    }
+    fixtures();
+    let out = run_pair("synchronized_step_matches_the_exact_big_batch");
+    for r in 0..2 {
+        let text = std::fs::read_to_string(out.join(format!("exact{r}"))).expect("report");
+        println!("rank {r}:\n{text}");
+        assert_eq!(text.matches(": 0 of ").count(), 6, "rank {r}:\n{text}");
+    }
+}
+
 /// Why a GPU test cannot run here, if it cannot.
 fn no_gpu_reason() -> Option<&'static str> {
     if !tch::Cuda::is_available() {

@@ -242,7 +242,7 @@ impl AxialAttention {
             Convention::Official => (0, gp / 2),
             Convention::Seed => (gp / 2, 0),
         };
-        let fused = attention_core::applies(&qkv, &self.bn_similarity, maps.is_some())
+        let fused = attention_core::applies(&qkv, maps.is_some())
             .then(|| {
                 let core = attention_core::forward(
                     &qkv,
@@ -288,8 +288,7 @@ impl AxialAttention {
         }
     }
 
-    /// The core as separate operations (CUDA, other dtypes, synchronized batch norm, attention
-    /// maps): `qkv` `[B, G, 2gp, L]`, `emb` `[2gp, L, L]` -> `[B, G, gp, 2, L]`, the softmax
+    /// The core as separate operations (CUDA, other dtypes, attention maps): `qkv` `[B, G, 2gp, L]`, `emb` `[2gp, L, L]` -> `[B, G, gp, 2, L]`, the softmax
     /// weights appended to `maps` (`n` images).
     fn core_separate(
         &self,

@@ -52,7 +52,7 @@ impl SyncContext {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    fn record(&self, e: CollectiveError) {
+    pub(crate) fn record(&self, e: CollectiveError) {
         let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
         slot.get_or_insert(e);
     }
@@ -83,8 +83,13 @@ impl BatchNorm {
 
     /// Whether training statistics are taken over a group of more than one replica.
     pub fn is_synchronized(&self) -> bool {
+        self.sync_context().is_some()
+    }
+
+    /// The group this norm's training statistics span, when it has more than one replica.
+    pub fn sync_context(&self) -> Option<Arc<SyncContext>> {
         let ctx = self.sync.read().unwrap_or_else(|e| e.into_inner());
-        ctx.as_ref().is_some_and(|c| c.group.world() > 1)
+        ctx.as_ref().filter(|c| c.group.world() > 1).cloned()
     }
 
     /// Counts one training batch (`num_batches_tracked`), for a caller that normalizes with
@@ -110,13 +115,10 @@ impl BatchNorm {
     /// Normalizes over every dimension but the channel dimension 1 (`[N, C]`, `[N, C, L]`,
     /// `[N, C, H, W]`). In training, uses and records the batch statistics.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        if train {
-            let ctx = self.sync.read().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(ctx) = ctx.filter(|c| c.group.world() > 1) {
-                match self.forward_synchronized(xs, &ctx.group) {
-                    Ok(y) => return y,
-                    Err(e) => ctx.record(e),
-                }
+        if train && let Some(ctx) = self.sync_context() {
+            match self.forward_synchronized(xs, &ctx.group) {
+                Ok(y) => return y,
+                Err(e) => ctx.record(e),
             }
         }
         if train {
