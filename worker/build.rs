@@ -94,8 +94,10 @@ fn main() {
             .file("csrc/cuda_graph.cpp")
             .file("csrc/profiler.cpp")
             .file("csrc/sgd.cpp")
+            .file("csrc/shm.cpp")
             .compile("axial_shim");
-        // The fused attention core's loops (csrc/attention.cpp) are the hot path of every
+        // The fused attention core's loops (csrc/attention.cpp) and the synchronized batch
+        // norm's (csrc/sync_norm.cpp) are the hot path of every
         // CPU step: optimized in test builds too, multiply-adds fused where the CPU has FMA, and no FP
         // traps (so that selects on floats vectorize).
         cc::Build::new()
@@ -110,6 +112,7 @@ fn main() {
             .flag_if_supported("-Wno-unused-parameter")
             .flag_if_supported("-Wno-psabi")
             .file("csrc/attention.cpp")
+            .file("csrc/sync_norm.cpp")
             .compile("axial_attention");
     }
 }

@@ -31,7 +31,8 @@ std::vector<at::Tensor> gather(at::Tensor** tensors, int n) {
   return out;
 }
 
-// In-place sum over ranks of `ts` (same dtype, dense): one coalesced collective. Its errors
+// In-place sum over ranks of `ts` (same dtype, dense): one coalesced collective (or, between
+// ranks on one host, sums through shared memory: shm.hpp). Its errors
 // carry a mark (collective::FAILURE_MARK on the Rust side): inside autograd they surface as
 // plain torch errors, and the worker must still know a collective failed.
 void sum_coalesced(const Group& g, std::vector<at::Tensor>& ts) {
@@ -40,6 +41,19 @@ void sum_coalesced(const Group& g, std::vector<at::Tensor>& ts) {
     // storage): a plain all-reduce of it, in place. Otherwise the coalesced all-reduce, which
     // copies the tensors into a flat buffer and back.
     auto flat = ts.size() == 1 ? ts[0] : axial::flat_alias(ts);
+    // Ranks on one host: through shared memory, one tensor (or one buffer) at a time.
+    if (g.shm) {
+      if (flat.defined() && g.shm->sum(flat, g.aborted)) return;
+      bool eligible = !ts.empty();
+      for (const auto& t : ts) {
+        eligible &= t.defined() && t.device().type() == at::kCPU && t.is_contiguous() &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+      }
+      if (eligible) {
+        for (auto& t : ts) g.shm->sum(t, g.aborted);
+        return;
+      }
+    }
     if (flat.defined() && flat.is_contiguous()) {
       std::vector<at::Tensor> one{flat};
       on_device(g, one, [&](std::vector<at::Tensor>& xs) {
@@ -70,6 +84,7 @@ void timed_sum(const Group& g, std::vector<at::Tensor>& ts) {
     ~Add() {
       auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start);
       g.sync_wait_ns.fetch_add(static_cast<uint64_t>(ns.count()), std::memory_order_relaxed);
+      g.sync_calls.fetch_add(1, std::memory_order_relaxed);
     }
   } add{g, start};
   sum_coalesced(g, ts);
@@ -108,6 +123,14 @@ void sum_over_ranks(const Group& g, at::Tensor& t) {
 }  // namespace axial
 
 extern "C" {
+
+// Whether the group's sums go through shared memory (every rank on this host: shm.hpp).
+int axial_group_shared_memory(void* g) { return reinterpret_cast<Group*>(g)->shm ? 1 : 0; }
+
+// How many synchronized-norm all-reduces the group has run.
+uint64_t axial_group_sync_calls(void* g) {
+  return reinterpret_cast<Group*>(g)->sync_calls.load(std::memory_order_relaxed);
+}
 
 // Seconds the group's differentiable all-reduces have taken, in all.
 double axial_group_sync_wait_seconds(void* g) {
@@ -162,6 +185,7 @@ void* axial_gloo_new(void* store, const char* host, const char* iface, int rank,
             : c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(s, rank, world, options);
     group = new Group{s, pg, std::chrono::milliseconds(timeout_ms), true};
+    group->shm = axial::Shm::create(*s, rank, world, std::chrono::milliseconds(timeout_ms));
   });
   return group;
 }
@@ -203,6 +227,7 @@ int axial_barrier(void* g, char* err, size_t err_len) {
 void axial_group_abort(void* g) {
   auto* group = static_cast<Group*>(g);
   group->aborted.store(true);
+  if (group->shm) group->shm->abort();
   if (!group->host_staging) {
     try {
       group->pg->abort();

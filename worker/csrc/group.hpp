@@ -5,6 +5,8 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include "shm.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -29,6 +31,10 @@ struct Group {
   // Nanoseconds spent in the differentiable all-reduces (synchronized batch norm), in all:
   // the step's sync_wait phase, told apart from the rank's own forward and backward work.
   mutable std::atomic<uint64_t> sync_wait_ns{0};
+  // How many of them there were.
+  mutable std::atomic<uint64_t> sync_calls{0};
+  // When every rank runs on this host: shared memory for those all-reduces (shm.hpp).
+  std::shared_ptr<Shm> shm{};
 };
 
 // Waits for `work`: at most the group's timeout, and no longer once the group is aborted.

@@ -66,6 +66,9 @@ struct Reducer {
       in_place[b] = false;
     }
     flat[b] = buffer;
+    // Ranks on one host: summed here, through shared memory (no core is free to overlap it
+    // anyway when every core runs a rank).
+    if (group->shm && group->shm->sum(buffer, group->aborted)) return;
     std::vector<at::Tensor> ts{buffer};
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
@@ -103,7 +106,7 @@ struct Reducer {
     start_ready();
     at::NoGradGuard no_grad;
     for (size_t b = 0; b < buckets.size(); ++b) {
-      axial::wait_work(*group, works[b]);
+      if (works[b]) axial::wait_work(*group, works[b]);
       if (in_place[b]) continue;
       int64_t offset = 0;
       for (size_t i : buckets[b]) {

@@ -38,9 +38,10 @@ fn child() -> Option<Child_> {
     Some(Child_ { rank, port, out })
 }
 
-fn spawn(test: &str, rank: usize, port: u16, out: &Path) -> Child {
+fn spawn(test: &str, rank: usize, port: u16, out: &Path, env: &[(&str, &str)]) -> Child {
     Command::new(std::env::current_exe().expect("exe"))
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .envs(env.iter().copied())
         .env("AXIAL_CHILD_RANK", rank.to_string())
         .env("AXIAL_CHILD_PORT", port.to_string())
         .env("AXIAL_CHILD_OUT", out)
@@ -51,8 +52,13 @@ fn spawn(test: &str, rank: usize, port: u16, out: &Path) -> Child {
 
 /// Starts rank 0 (which picks the store port and prints it), then rank 1; waits for both.
 fn run_pair(test: &str) -> PathBuf {
+    run_pair_with(test, &[])
+}
+
+/// [`run_pair`] with extra environment for both ranks (`AXIAL_SHM=0`: sums over Gloo).
+fn run_pair_with(test: &str, env: &[(&str, &str)]) -> PathBuf {
     let out = tempfile::tempdir().expect("tempdir").keep();
-    let mut r0 = spawn(test, 0, 0, &out);
+    let mut r0 = spawn(test, 0, 0, &out, env);
     let mut lines = BufReader::new(r0.stdout.take().expect("stdout")).lines();
     let port: u16 = loop {
         let line = lines
@@ -67,7 +73,7 @@ fn run_pair(test: &str) -> PathBuf {
                 .expect("port");
         }
     };
-    let mut r1 = spawn(test, 1, port, &out);
+    let mut r1 = spawn(test, 1, port, &out, env);
     let deadline = Instant::now() + Duration::from_secs(90);
     for (rank, c) in [(0, &mut r0), (1, &mut r1)] {
         loop {
@@ -348,7 +354,9 @@ fn a_step_split_by_shares_equals_the_even_split() {
     }
 }
 
-/// A collective whose peer died fails within its timeout instead of hanging.
+/// A collective whose peer died fails within its timeout instead of hanging: over Gloo (the
+/// connection closes) and over shared memory (the waiting rank sees the peer's process gone
+/// within some 20 ms).
 #[test]
 fn dead_peer_fails_within_the_timeout() {
     if let Some(c) = child() {
@@ -366,18 +374,90 @@ fn dead_peer_fails_within_the_timeout() {
         };
         std::fs::write(
             c.out.join("dead"),
-            format!("{:.2}\n{msg}", took.as_secs_f64()),
+            format!("{:.2}\n{}\n{msg}", took.as_secs_f64(), pg.shared_memory()),
         )
         .expect("write");
         std::process::exit(0); // do not wait for the dead peer in the group's destructor
     }
-    let out = run_pair("dead_peer_fails_within_the_timeout");
-    let text = std::fs::read_to_string(out.join("dead")).expect("rank 0 reported");
-    let (secs, msg) = text.split_once('\n').expect("two lines");
-    let secs: f64 = secs.parse().expect("seconds");
-    println!("all-reduce with a dead peer failed after {secs:.2} s: {msg}");
-    assert!(secs <= TIMEOUT.as_secs_f64() + 5.0, "took {secs} s");
-    assert!(msg.contains("all-reduce"));
+    for shm in ["1", "0"] {
+        let out = run_pair_with("dead_peer_fails_within_the_timeout", &[("AXIAL_SHM", shm)]);
+        let text = std::fs::read_to_string(out.join("dead")).expect("rank 0 reported");
+        let mut lines = text.splitn(3, '\n');
+        let secs: f64 = lines.next().and_then(|s| s.parse().ok()).expect("seconds");
+        let used_shm: bool = lines
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("transport");
+        let msg = lines.next().unwrap_or_default();
+        println!(
+            "AXIAL_SHM={shm}: all-reduce with a dead peer failed after {secs:.2} s (shared memory: {used_shm}): {msg}"
+        );
+        assert_eq!(used_shm, shm == "1", "AXIAL_SHM={shm}");
+        assert!(secs <= TIMEOUT.as_secs_f64() + 5.0, "took {secs} s");
+        assert!(msg.contains("all-reduce"));
+        if used_shm {
+            assert!(
+                secs < 1.0,
+                "shared memory noticed the dead peer after {secs} s"
+            );
+            assert!(msg.contains("gone"), "{msg}");
+        }
+    }
+}
+
+/// Aborting a group (the coordinator ended the generation) ends a shared-memory wait at once,
+/// on this rank and on the peer waiting in the same sum.
+#[test]
+fn aborting_ends_a_shared_memory_wait() {
+    if let Some(c) = child() {
+        let pg = Arc::new(join(&c));
+        assert!(pg.shared_memory(), "the ranks share this host");
+        let report = if c.rank == 0 {
+            // Waits for rank 1, which never comes; aborted from another thread.
+            let aborter = {
+                let pg = pg.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    pg.abort();
+                })
+            };
+            let t = Instant::now();
+            let x = Tensor::ones([8], (Kind::Double, Device::Cpu));
+            let r = pg.allreduce_sum_differentiable(&x);
+            aborter.join().expect("aborter");
+            format!(
+                "{:.3} {}",
+                t.elapsed().as_secs_f64(),
+                r.err().map(|e| e.to_string()).unwrap_or_default()
+            )
+        } else {
+            // Arrives late, after rank 0 has aborted the segment: refused at once.
+            std::thread::sleep(Duration::from_millis(800));
+            let t = Instant::now();
+            let x = Tensor::ones([8], (Kind::Double, Device::Cpu));
+            let r = pg.allreduce_sum_differentiable(&x);
+            format!(
+                "{:.3} {}",
+                t.elapsed().as_secs_f64(),
+                r.err().map(|e| e.to_string()).unwrap_or_default()
+            )
+        };
+        std::fs::write(c.out.join(format!("abort{}", c.rank)), report).expect("write");
+        std::process::exit(0);
+    }
+    let out = run_pair("aborting_ends_a_shared_memory_wait");
+    for r in 0..2 {
+        let text = std::fs::read_to_string(out.join(format!("abort{r}"))).expect("report");
+        println!("rank {r}: {text}");
+        let (secs, msg) = text.split_once(' ').expect("two parts");
+        let secs: f64 = secs.parse().expect("seconds");
+        assert!(msg.contains("aborted"), "rank {r}: {msg}");
+        // Rank 0 waited 0.3 s for the abort; rank 1 found it aborted.
+        assert!(
+            secs < if r == 0 { 0.6 } else { 0.1 },
+            "rank {r} took {secs} s"
+        );
+    }
 }
 
 /// Synchronized batch norm: 2 ranks x batch 4 train like 1 rank x batch 8 — logits, loss,
@@ -560,11 +640,16 @@ fn synchronized_step_matches_the_exact_big_batch() {
         return;
     }
     fixtures();
-    let out = run_pair("synchronized_step_matches_the_exact_big_batch");
-    for r in 0..2 {
-        let text = std::fs::read_to_string(out.join(format!("exact{r}"))).expect("report");
-        println!("rank {r}:\n{text}");
-        assert_eq!(text.matches(": 0 of ").count(), 6, "rank {r}:\n{text}");
+    for shm in ["1", "0"] {
+        let out = run_pair_with(
+            "synchronized_step_matches_the_exact_big_batch",
+            &[("AXIAL_SHM", shm)],
+        );
+        for r in 0..2 {
+            let text = std::fs::read_to_string(out.join(format!("exact{r}"))).expect("report");
+            println!("AXIAL_SHM={shm}, rank {r}:\n{text}");
+            assert_eq!(text.matches(": 0 of ").count(), 6, "rank {r}:\n{text}");
+        }
     }
 }
 

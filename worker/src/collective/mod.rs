@@ -90,6 +90,8 @@ mod ffi {
         ) -> c_int;
         pub fn axial_barrier(g: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
         pub fn axial_group_sync_wait_seconds(g: *mut c_void) -> f64;
+        pub fn axial_group_sync_calls(g: *mut c_void) -> u64;
+        pub fn axial_group_shared_memory(g: *mut c_void) -> c_int;
         pub fn axial_group_abort(g: *mut c_void);
         pub fn axial_group_free(g: *mut c_void);
         pub fn axial_groups_closing() -> c_int;
@@ -745,6 +747,24 @@ impl ProcessGroup {
     pub fn sync_wait_seconds(&self) -> f64 {
         // SAFETY: the group pointer is live until drop; the counter is atomic.
         unsafe { ffi::axial_group_sync_wait_seconds(self.ptr) }
+    }
+
+    /// Whether the group's sums (the synchronized norms', the gradient buckets', the running
+    /// statistics') go through shared memory: every rank runs on this host (the same boot and
+    /// network, mount and IPC namespaces) and `AXIAL_SHM` is not `0`. Otherwise they take the
+    /// backend (Gloo over TCP). Broadcasts and barriers always take the backend.
+    #[allow(unsafe_code)]
+    pub fn shared_memory(&self) -> bool {
+        // SAFETY: the group pointer is live until drop.
+        unsafe { ffi::axial_group_shared_memory(self.ptr) != 0 }
+    }
+
+    /// How many synchronized-norm all-reduces (forward and backward, the fused attention
+    /// core's included) the group has run since it formed.
+    #[allow(unsafe_code)]
+    pub fn sync_calls(&self) -> u64 {
+        // SAFETY: the group pointer is live until drop; the counter is atomic.
+        unsafe { ffi::axial_group_sync_calls(self.ptr) }
     }
 
     /// Ends the group from any thread: collectives waiting in it (on a hung peer, say) fail at

@@ -5,11 +5,33 @@
 //! running variance updated with the unbiased batch variance) and keeps `num_batches_tracked`
 //! as an int64 buffer so that state dicts move both ways unchanged.
 
+use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Arc, Mutex, RwLock};
 
-use tch::{Kind, Tensor, nn};
+use tch::{Device, Kind, Tensor, nn};
 
 use crate::collective::{CollectiveError, ProcessGroup};
+
+#[allow(unsafe_code)]
+mod ffi {
+    use super::{c_char, c_int, c_void};
+    unsafe extern "C" {
+        /// csrc/sync_norm.cpp: `*out` receives a new tensor, y.
+        pub fn axial_sync_batch_norm(
+            x: *mut c_void,
+            weight: *mut c_void,
+            bias: *mut c_void,
+            running_mean: *mut c_void,
+            running_var: *mut c_void,
+            group: *mut c_void,
+            momentum: f64,
+            eps: f64,
+            out: *mut *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+    }
+}
 
 pub const MOMENTUM: f64 = 0.1;
 pub const EPS: f64 = 1e-5;
@@ -157,9 +179,11 @@ impl BatchNorm {
         )
     }
 
-    /// Training-mode batch norm with the mean and variance of the whole global batch: the
-    /// per-channel sums of x and x^2 and the count are summed over ranks by a differentiable
-    /// all-reduce, so the backward pass carries the cross-rank terms too (2 ranks x batch B
+    /// Training-mode batch norm with the mean and variance of the whole global batch. On the
+    /// CPU in float32, one autograd function of the shim (csrc/sync_norm.cpp: two passes each
+    /// way, one float64 all-reduce of the sums per pass); otherwise the same maths as tensor
+    /// operations: the per-channel sums of x and x^2 and the count are summed over ranks by a
+    /// differentiable all-reduce, so the backward pass carries the cross-rank terms too (2 ranks x batch B
     /// train like 1 rank x batch 2B). Running statistics are updated from the global
     /// statistics, so they are identical on every rank. The sums are accumulated and reduced
     /// in float64: the variance E[x^2] - E[x]^2 cancels, and in float32 how the batch is split
@@ -170,6 +194,9 @@ impl BatchNorm {
         xs: &Tensor,
         group: &ProcessGroup,
     ) -> Result<Tensor, CollectiveError> {
+        if xs.device() == Device::Cpu && xs.kind() == Kind::Float && xs.dim() >= 2 {
+            return self.forward_synchronized_cpu(xs, group);
+        }
         let c = xs.size()[1];
         let dims: Vec<i64> = (0..xs.dim() as i64).filter(|d| *d != 1).collect();
         let x = xs.to_kind(Kind::Float);
@@ -212,6 +239,46 @@ impl BatchNorm {
             let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
         });
         Ok(y.to_kind(xs.kind()))
+    }
+
+    /// [`Self::forward_synchronized`] on the CPU, through the shim.
+    #[allow(unsafe_code)]
+    fn forward_synchronized_cpu(
+        &self,
+        xs: &Tensor,
+        group: &ProcessGroup,
+    ) -> Result<Tensor, CollectiveError> {
+        let x = xs.contiguous();
+        let mut out: *mut c_void = std::ptr::null_mut();
+        let ptr = |t: &Tensor| t.as_ptr() as *mut c_void;
+        crate::collective::call(
+            "synchronized batch norm",
+            group.rank(),
+            group.world(),
+            |err, len| {
+                // SAFETY: live at::Tensor pointers and a live group for the call (the group
+                // outlives the step's backward, which reads it); the shim checks the tensors
+                // before it writes anything, and on success *out is a new heap at::Tensor.
+                unsafe {
+                    ffi::axial_sync_batch_norm(
+                        ptr(&x),
+                        ptr(&self.weight),
+                        ptr(&self.bias),
+                        ptr(&self.running_mean),
+                        ptr(&self.running_var),
+                        group.ptr,
+                        MOMENTUM,
+                        EPS,
+                        &mut out,
+                        err,
+                        len,
+                    )
+                }
+            },
+        )?;
+        self.count_batch();
+        // SAFETY: `out` is a fresh at::Tensor* whose ownership passes to the Tensor.
+        Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
     }
 }
 
