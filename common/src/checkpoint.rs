@@ -2,6 +2,13 @@
 //! (which commits them): one folder per checkpoint, committed by its `manifest.json`, written
 //! last and atomically (temp file, fsync, rename). A folder without a manifest is an
 //! interrupted write and does not count.
+//!
+//! Rank 0 (or a single worker) writes a checkpoint's files into a staging folder of its own,
+//! `.staging-g<generation>-<step>`, never into a committed one. The commit ([`commit`]) renames
+//! the staging folder to `ckpt-<step>` and then writes the manifest into it: nothing ever
+//! removes or overwrites a folder that holds a manifest (pruning the oldest committed ones
+//! aside), and a crash in between leaves a `ckpt-<step>` without a manifest, which does not
+//! count and which the next commit of that step or the next pruning removes.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -161,6 +168,19 @@ pub fn folder_name(step: u64) -> String {
     format!("ckpt-{step:010}")
 }
 
+/// Name of the folder rank 0 of `generation` writes the checkpoint at `step` into, before the
+/// commit renames it to [`folder_name`].
+pub fn staging_name(generation: u64, step: u64) -> String {
+    format!(".staging-g{generation}-{step:010}")
+}
+
+/// The step of a staging folder's name (see [`staging_name`]).
+fn staging_step(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix(".staging-g")?;
+    let (_, step) = rest.split_once('-')?;
+    step.parse().ok()
+}
+
 /// Describes files of a checkpoint folder (size and SHA-256).
 pub fn describe(folder: &Path, names: &[&str]) -> std::io::Result<Vec<FileEntry>> {
     names
@@ -176,8 +196,25 @@ pub fn describe(folder: &Path, names: &[&str]) -> std::io::Result<Vec<FileEntry>
         .collect()
 }
 
-/// Commits a checkpoint folder by writing its manifest.
-pub fn commit(folder: &Path, manifest: &CheckpointManifest) -> std::io::Result<()> {
+/// Commits the checkpoint written into `staging`: renames it to `folder` (`ckpt-<step>`) and
+/// writes the manifest into it, atomically. A `folder` that already holds a manifest (a
+/// checkpoint committed before) is never touched: the commit fails, naming it. One without a
+/// manifest (a commit cut short) is removed first.
+pub fn commit(staging: &Path, folder: &Path, manifest: &CheckpointManifest) -> std::io::Result<()> {
+    if folder.join("manifest.json").exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} already holds a committed checkpoint; it is not overwritten",
+                folder.display()
+            ),
+        ));
+    }
+    if folder.exists() {
+        std::fs::remove_dir_all(folder)?;
+    }
+    std::fs::rename(staging, folder)?;
+    sync_parent(folder)?;
     let json = serde_json::to_string_pretty(manifest).map_err(std::io::Error::other)?;
     write_atomic(&folder.join("manifest.json"), json.as_bytes())
 }
@@ -200,9 +237,17 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Keeps the newest `keep` committed checkpoints, never `just_committed`, and removes
-/// interrupted writes (folders without a manifest, temp files of crashed writers).
-pub fn prune(dir: &Path, keep: usize, just_committed: &Path) -> std::io::Result<()> {
+/// Keeps the newest `keep` committed checkpoints, never `just_committed` (the checkpoint at
+/// `committed_step`), and removes what can never be committed: `ckpt-*` folders without a
+/// manifest (commits cut short), staging folders of steps up to `committed_step` (a vote at
+/// or below the committed step is refused; later ones may still be being written), temp
+/// files of crashed writers.
+pub fn prune(
+    dir: &Path,
+    keep: usize,
+    just_committed: &Path,
+    committed_step: u64,
+) -> std::io::Result<()> {
     for old in list(dir).into_iter().skip(keep) {
         if old != just_committed {
             std::fs::remove_dir_all(&old)?;
@@ -212,10 +257,13 @@ pub fn prune(dir: &Path, keep: usize, just_committed: &Path) -> std::io::Result<
     remove_stale_temp_files(just_committed);
     if let Ok(entries) = std::fs::read_dir(dir) {
         for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
-            let is_ckpt = p
+            let name = p
                 .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("ckpt-"));
-            if is_ckpt && p.is_dir() && !p.join("manifest.json").exists() {
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let uncommitted = name.starts_with("ckpt-") && !p.join("manifest.json").exists();
+            let dead_staging = staging_step(&name).is_some_and(|s| s <= committed_step);
+            if (uncommitted || dead_staging) && p.is_dir() {
                 let _ = std::fs::remove_dir_all(&p);
             }
         }

@@ -73,9 +73,16 @@ pub async fn serve(
         .await
         .with_context(|| format!("listen on {}", opts.listen))?;
     let addr = listener.local_addr()?;
-    let mut state = JobState::new(job, opts.members, opts.resume);
+    let mut state = JobState::new(job, opts.members, opts.resume).map_err(anyhow::Error::msg)?;
     state.set_progress_timeout(opts.progress_timeout_ms);
     state.set_vote_timeout(opts.vote_timeout_ms);
+    // Test-only: a commit slower than the vote's deadline (tests/tests/storage.rs).
+    if let Some(ms) = std::env::var("AXIAL_TEST_COMMIT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        state.set_commit_delay(ms);
+    }
     if let Some(c) = state.committed() {
         eprintln!(
             "coordinator: resuming from {} (step {})",

@@ -382,6 +382,15 @@ fn serve_cmd(
     let config = axial_common::JobConfig::load(job)?;
     let token = match std::fs::read_to_string(token_file) {
         Ok(t) => t.trim().to_owned(),
+        // Only an absent file gets a new token: one that exists but cannot be read is never
+        // overwritten (the workers hold its token).
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            anyhow::bail!(
+                "cannot read the job token file {}: {e} (fix its permissions or the storage; \
+                 a new token would lock out the workers that hold this one)",
+                token_file.display()
+            )
+        }
         Err(_) => {
             let t = axial_coordinator::auth::generate()?;
             axial_coordinator::launch::write_token(token_file, &t)?;

@@ -398,18 +398,38 @@ impl Coordinator for Service {
         };
         let v = match cast {
             Cast::Done(v) => v,
-            // The last vote: the manifest is written (fsync) and old checkpoints pruned off
-            // the state lock, so heartbeats and joins go on meanwhile.
+            // The last vote: the commit is written off the state lock (heartbeats go on
+            // meanwhile; no group forms until it is in), on a task of its own that runs to
+            // the end even when this request is dropped (its deadline passed, rank 0's
+            // connection reset): the files, the manifest and the committed pointer are one
+            // unit. Old checkpoints are pruned after, best effort.
             Cast::Commit(c) => {
-                let _one_at_a_time = self.commit_io.lock().await;
-                let (c, written) = tokio::task::spawn_blocking(move || {
-                    let written = c.write();
-                    (c, written)
+                let svc = self.clone();
+                tokio::spawn(async move {
+                    let _one_at_a_time = svc.commit_io.lock().await;
+                    let (c, written, pruned) = tokio::task::spawn_blocking(move || {
+                        let written = c.write();
+                        let pruned = written.as_ref().ok().map(|()| c.prune());
+                        (c, written, pruned)
+                    })
+                    .await
+                    .map_err(|e| format!("the commit's writer: {e}"))?;
+                    let now = svc.now();
+                    let v = {
+                        let mut s = svc.lock();
+                        let v = s.finish_commit(c, written, now);
+                        if let Some(p) = pruned {
+                            s.finish_pruning(p);
+                        }
+                        v
+                    };
+                    // Joins held while the commit was written may form a group now.
+                    svc.generation_changed.notify_waiters();
+                    Ok::<_, String>(v)
                 })
                 .await
-                .map_err(|e| Status::internal(format!("the commit's writer: {e}")))?;
-                let now = self.now();
-                self.lock().finish_commit(c, written, now)
+                .map_err(|e| Status::internal(format!("the commit's task: {e}")))?
+                .map_err(Status::internal)?
             }
         };
         Ok(Response::new(VoteReply {
@@ -440,5 +460,87 @@ impl Coordinator for Service {
             .set_hyperparameters(change, now)
             .map_err(Status::invalid_argument)?;
         Ok(Response::new(HyperParameterChange::from(&accepted)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::MembershipConfig;
+    use axial_common::checkpoint;
+
+    /// A vote whose request is dropped (its deadline passed while a slow commit was being
+    /// written, or rank 0's connection reset) still commits: the files, the manifest and the
+    /// committed pointer are one unit, on a task of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_vote_still_commits_as_one_unit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let text = format!(
+            "[model]\narch = \"axial26s\"\nnum_classes = 10\n[data]\nformat = \"builtin\"\ntrain = 100\nval = 10\nimage_size = 32\n[checkpoint]\ndir = \"{}\"\nkeep = 1\n",
+            tmp.path().display()
+        );
+        let job =
+            axial_common::JobConfig::parse(&text, "test", std::path::Path::new("/")).expect("job");
+        let members = MembershipConfig {
+            min: 1,
+            max: 1,
+            settle_ms: 0,
+            timeout_ms: 10_000,
+        };
+        let mut state = JobState::new(job, members, false).expect("state");
+        state.set_commit_delay(600);
+        let crate::job::Join::Assigned { assignment, .. } = state.join("a", 1, None, 0) else {
+            panic!("group")
+        };
+        let g = assignment.generation;
+        let service = Service::new(state);
+        let staging = tmp.path().join(checkpoint::staging_name(g, 4));
+        std::fs::create_dir_all(&staging).expect("mkdir");
+        for name in checkpoint::FILES {
+            std::fs::write(staging.join(name), name.as_bytes()).expect("write");
+        }
+        let files = checkpoint::describe(&staging, &checkpoint::FILES)
+            .expect("describe")
+            .into_iter()
+            .map(|f| v1::FileEntry {
+                path: f.name,
+                sha256: f.sha256,
+                bytes: f.bytes,
+            })
+            .collect();
+        let pos = Position {
+            step: 4,
+            consumed: 32,
+            samples_seen: 32,
+            loss_scale: 1.0,
+            ..Position::default()
+        };
+        let request = Request::new(VoteRequest {
+            worker_id: "a".into(),
+            generation: g,
+            step: 4,
+            epoch: 0,
+            consumed: 32,
+            files,
+            folder: staging.display().to_string(),
+            position_json: serde_json::to_string(&pos).expect("json"),
+            for_group: true,
+        });
+        // The caller gives up long before the commit is written.
+        let dropped = tokio::time::timeout(Duration::from_millis(100), service.vote(request)).await;
+        assert!(dropped.is_err(), "the vote returned before the slow commit");
+        assert!(service.lock().committed().is_none(), "not yet");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let committed = service
+            .lock()
+            .committed()
+            .cloned()
+            .expect("committed anyway");
+        assert_eq!(committed.position.step, 4);
+        checkpoint::verify(&committed.folder).expect("the committed folder verifies");
+        assert_eq!(
+            committed.folder,
+            tmp.path().join(checkpoint::folder_name(4))
+        );
     }
 }

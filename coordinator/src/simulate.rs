@@ -575,7 +575,7 @@ async fn worker(index: usize, mut client: Client, s: Arc<Shared>) {
 /// Rank 0's vote for its group's checkpoint at `step` (its files written first). Returns
 /// whether the generation ended (the vote was refused for a stale generation).
 async fn vote(client: &mut Client, s: &Shared, id: &str, generation: u64, step: u64) -> bool {
-    let folder = s.dir.join(checkpoint::folder_name(step));
+    let folder = s.dir.join(checkpoint::staging_name(generation, step));
     let (folder, files) = match write_files(&folder) {
         Ok(files) => (folder.display().to_string(), files),
         Err(e) => {

@@ -52,6 +52,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         stop_after_steps: args.stop_after_steps,
         quiet: args.quiet,
         sample_log: ("train".into(), 0),
+        generation: 0,
         terminate: Some(terminate),
     };
     let s = run(&job, &opts, &metrics, None)?;

@@ -854,6 +854,7 @@ fn run_generation(
         stop_after_steps: None,
         quiet: false,
         sample_log: (worker_id.clone(), reply.generation),
+        generation: reply.generation,
         terminate: Some(session.terminate.clone()),
     };
     let summary = run(

@@ -1,5 +1,8 @@
 //! Checkpoint votes and commits: a vote is checked and counted by the barrier; the last one
-//! makes a commit, written (manifest, fsync, pruning) without the state lock by the service.
+//! makes a commit, written without the state lock by the service as one unit that a dropped
+//! request cannot cut in half (rename of rank 0's staging folder to `ckpt-<step>`, the
+//! manifest, fsync, then the committed pointer; see `service.rs`). Pruning the oldest
+//! checkpoints comes after, best effort: its failures are logged and counted apart.
 
 use super::*;
 
@@ -47,24 +50,39 @@ pub enum Cast {
     Commit(Box<PendingCommit>),
 }
 
-/// A checkpoint every rank has voted for: its manifest, to be written into its folder (and
-/// the older checkpoints pruned) without the state lock held.
+/// A checkpoint every rank has voted for: rank 0's staging folder, to be renamed to its
+/// `ckpt-<step>` folder and committed by its manifest, without the state lock held.
 #[derive(Debug)]
 pub struct PendingCommit {
+    /// Where rank 0 wrote the files (`.staging-g<generation>-<step>`).
+    pub staging: PathBuf,
+    /// The committed folder (`ckpt-<step>`).
     pub folder: PathBuf,
     pub position: Position,
     manifest: CheckpointManifest,
     dir: PathBuf,
     keep: usize,
+    /// Test-only: the writer sleeps this long first (a commit slower than a vote's deadline,
+    /// as on a stalled shared file system; see `JobState::set_commit_delay`).
+    delay_ms: u64,
 }
 
 impl PendingCommit {
-    /// Writes the manifest (which commits the checkpoint) and prunes the checkpoints beyond
-    /// `keep`, never this one.
+    /// Commits the checkpoint: the staging folder becomes `ckpt-<step>`, then its manifest is
+    /// written (fsync'ed). Never touches a folder that holds a manifest.
     pub fn write(&self) -> Result<(), String> {
-        checkpoint::commit(&self.folder, &self.manifest)
-            .map_err(|e| format!("{}: {e}", self.folder.display()))?;
-        checkpoint::prune(&self.dir, self.keep, &self.folder).map_err(|e| e.to_string())
+        if self.delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.delay_ms));
+        }
+        checkpoint::commit(&self.staging, &self.folder, &self.manifest)
+            .map_err(|e| format!("{}: {e}", self.folder.display()))
+    }
+
+    /// Removes the checkpoints beyond `keep` (never this one) and what can never be committed
+    /// (see `checkpoint::prune`). Best effort, after the commit.
+    pub fn prune(&self) -> Result<(), String> {
+        checkpoint::prune(&self.dir, self.keep, &self.folder, self.position.step)
+            .map_err(|e| format!("pruning {}: {e}", self.dir.display()))
     }
 }
 
@@ -87,7 +105,12 @@ impl JobState {
             Cast::Done(v) => v,
             Cast::Commit(c) => {
                 let written = c.write();
-                self.finish_commit(c, written, now)
+                let pruned = written.as_ref().ok().map(|()| c.prune());
+                let v = self.finish_commit(c, written, now);
+                if let Some(p) = pruned {
+                    self.finish_pruning(p);
+                }
+                v
             }
         }
     }
@@ -120,10 +143,23 @@ impl JobState {
                 self.membership.generation()
             ));
         }
+        if let Some(c) = &self.committed
+            && pos.step <= c.position.step
+        {
+            return refused(format!(
+                "step {} is not after the committed step {}",
+                pos.step, c.position.step
+            ));
+        }
+        if let Some(step) = self.commit_in_flight {
+            return refused(format!("the commit of step {step} is being written"));
+        }
         if for_group && rank != 0 {
             return refused(format!("rank {rank} votes for the group; only rank 0 does"));
         }
-        if let Err(reason) = self.check_vote_files(rank, pos.step, folder.as_deref(), &files) {
+        if let Err(reason) =
+            self.check_vote_files(rank, generation, pos.step, folder.as_deref(), &files)
+        {
             self.log.push(format!(
                 "refused a vote of rank {rank} for step {}: {reason}",
                 pos.step
@@ -171,7 +207,7 @@ impl JobState {
         }
     }
 
-    /// Records a written commit (or its failure); the vote's reply.
+    /// Records a written commit (or its failure); the vote's reply. Groups may form again.
     pub fn finish_commit(
         &mut self,
         c: Box<PendingCommit>,
@@ -179,6 +215,7 @@ impl JobState {
         now: u64,
     ) -> VoteResult {
         let pos = c.position;
+        self.commit_in_flight = None;
         if let Err(reason) = written {
             return self.commit_failed(pos.step, reason);
         }
@@ -218,6 +255,22 @@ impl JobState {
         }
     }
 
+    /// Records the pruning after a commit: a failure is logged and counted, and the commit
+    /// stands (every checkpoint it kept is still whole).
+    pub fn finish_pruning(&mut self, pruned: Result<(), String>) {
+        if let Err(reason) = pruned {
+            self.prune_failures.0 += 1;
+            self.log
+                .push(format!("{reason} failed (the commit stands)"));
+            self.prune_failures.1 = Some(reason);
+        }
+    }
+
+    /// Prunings that failed after their commit, and the last reason.
+    pub fn prune_failures(&self) -> (u64, Option<&str>) {
+        (self.prune_failures.0, self.prune_failures.1.as_deref())
+    }
+
     /// A commit that could not be made. The group must not train on without checkpoints: the
     /// vote is refused, the ranks re-form and resume from the last commit; after a few
     /// failures in a row the job stops, saying why.
@@ -242,12 +295,14 @@ impl JobState {
         }
     }
 
-    /// What a vote may name: rank 0 the folder `<checkpoint dir>/ckpt-<step>` and exactly the
-    /// checkpoint's files (plain names, each once), the other ranks nothing. The coordinator
-    /// writes the manifest into that folder, so a vote must not point it anywhere else.
+    /// What a vote may name: rank 0 its staging folder `<checkpoint dir>/.staging-g<generation>-
+    /// <step>` and exactly the checkpoint's files (plain names, each once), the other ranks
+    /// nothing. The coordinator renames that folder and writes the manifest into it, so a vote
+    /// must not point it anywhere else.
     fn check_vote_files(
         &self,
         rank: usize,
+        generation: u64,
         step: u64,
         folder: Option<&std::path::Path>,
         files: &[FileEntry],
@@ -261,10 +316,14 @@ impl JobState {
         let Some(folder) = folder else {
             return Err("rank 0's vote names no checkpoint folder".into());
         };
-        let expected = self.job.checkpoint.dir.join(checkpoint::folder_name(step));
+        let expected = self
+            .job
+            .checkpoint
+            .dir
+            .join(checkpoint::staging_name(generation, step));
         if folder != expected {
             return Err(format!(
-                "folder {} is not {} (the checkpoint of step {step})",
+                "folder {} is not {} (generation {generation}'s checkpoint of step {step})",
                 folder.display(),
                 expected.display()
             ));
@@ -281,13 +340,21 @@ impl JobState {
         Ok(())
     }
 
-    /// The manifest of the checkpoint every rank has voted for, to be written.
+    /// The manifest of the checkpoint every rank has voted for, to be written; no group forms
+    /// until it is.
     fn prepare_commit(&mut self) -> Result<PendingCommit, String> {
-        let (folder, files, pos) = self
+        let (staging, files, pos) = self
             .pending_folder
             .take()
             .ok_or("rank 0 did not report the checkpoint folder")?;
+        self.commit_in_flight = Some(pos.step);
         Ok(PendingCommit {
+            staging,
+            folder: self
+                .job
+                .checkpoint
+                .dir
+                .join(checkpoint::folder_name(pos.step)),
             manifest: CheckpointManifest {
                 format: checkpoint::FORMAT.into(),
                 step: pos.step,
@@ -298,10 +365,10 @@ impl JobState {
                 files,
                 changes: self.changes.clone(),
             },
-            folder,
             position: pos,
             dir: self.job.checkpoint.dir.clone(),
             keep: self.job.checkpoint.keep,
+            delay_ms: self.commit_delay_ms,
         })
     }
 }

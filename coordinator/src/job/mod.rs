@@ -113,6 +113,16 @@ pub struct JobState {
     /// Commits that failed (the manifest could not be written), in all and in a row, and the
     /// last reason.
     commit_failures: (u64, u64, Option<String>),
+    /// Prunings of old checkpoints that failed after their commit (counted apart: the commit
+    /// stands), and the last reason.
+    prune_failures: (u64, Option<String>),
+    /// The step of the commit being written, if one is: no group forms (no resume point is
+    /// handed out) until it is recorded.
+    commit_in_flight: Option<u64>,
+    /// Test-only delay of every commit's writer (`AXIAL_TEST_COMMIT_DELAY_MS` for `serve`).
+    commit_delay_ms: u64,
+    /// The generation whose resume point was last verified.
+    verified_for: Option<u64>,
     /// Why the job cannot go on (commits failing again and again): workers are told to stop
     /// and the coordinator exits with it.
     failed: Option<String>,
@@ -151,7 +161,11 @@ impl JobState {
     /// `resume`: start from the newest verified checkpoint in the job's checkpoint dir.
     /// The generation always goes on from a saved `coordinator.json` (generations never
     /// repeat); with `resume` the restart count and the hyperparameter changes do too.
-    pub fn new(job: JobConfig, members: MembershipConfig, resume: bool) -> Self {
+    ///
+    /// A `coordinator.json` that exists but cannot be read (a permission, an I/O error) is an
+    /// error, never taken as absent: generations would start again from 0, so an old worker's
+    /// messages could pass as current, and the file would be overwritten.
+    pub fn new(job: JobConfig, members: MembershipConfig, resume: bool) -> Result<Self, String> {
         let mut log = Vec::new();
         // A damaged state file is kept aside (never overwritten), and generations then start
         // from the clock's seconds, above any counter a previous coordinator can have reached.
@@ -175,7 +189,14 @@ impl JobState {
                     None
                 }
             },
-            Err(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(format!(
+                    "cannot read {}: {e} (the coordinator's saved generations; fix its \
+                     permissions or the storage, or move it away to start the generations anew)",
+                    path.display()
+                ));
+            }
         };
         let mut changes = Vec::new();
         let committed = if resume {
@@ -223,6 +244,10 @@ impl JobState {
             gave_up: Default::default(),
             drain: None,
             commit_failures: (0, 0, None),
+            prune_failures: (0, None),
+            commit_in_flight: None,
+            commit_delay_ms: 0,
+            verified_for: None,
             failed: None,
             committed,
             pending_folder: None,
@@ -244,7 +269,7 @@ impl JobState {
             log,
         };
         state.save();
-        state
+        Ok(state)
     }
 
     pub fn restarts(&self) -> u64 {
@@ -297,15 +322,62 @@ impl JobState {
         if let Some((generation, reason)) = abandoned {
             self.membership
                 .report_failure(worker, generation, reason, now);
+            self.after_membership_change(before);
         }
+        // A commit being written decides the resume point: no group forms before it is in.
+        if self.commit_in_flight.is_some() {
+            return Join::Wait;
+        }
+        let before = self.membership.generation();
         let reply = self.membership.join(worker, incarnation, now);
         self.after_membership_change(before);
         match reply {
             JoinReply::Wait => Join::Wait,
-            JoinReply::Assigned(assignment) => Join::Assigned {
-                assignment,
-                resume: self.committed.clone(),
-            },
+            JoinReply::Assigned(assignment) => {
+                if self.verified_for != Some(assignment.generation) {
+                    self.verified_for = Some(assignment.generation);
+                    self.verify_resume_point();
+                }
+                Join::Assigned {
+                    assignment,
+                    resume: self.committed.clone(),
+                }
+            }
+        }
+    }
+
+    /// Once per group, before its resume point is handed out: the committed checkpoint must
+    /// still verify (every file against its SHA-256); a damaged one is skipped for the newest
+    /// one that does, for every rank alike.
+    fn verify_resume_point(&mut self) {
+        let Some(c) = &self.committed else {
+            return;
+        };
+        let Err(why) = checkpoint::verify(&c.folder) else {
+            return;
+        };
+        self.log.push(format!(
+            "the committed checkpoint {} does not verify ({why}); falling back",
+            c.folder.display()
+        ));
+        let (found, skipped) = checkpoint::latest_verified(&self.job.checkpoint.dir);
+        for (folder, why) in skipped {
+            self.log
+                .push(format!("skipping checkpoint {}: {why}", folder.display()));
+        }
+        self.committed = found.map(|(folder, m)| Committed {
+            folder,
+            position: m.position,
+        });
+        match &self.committed {
+            Some(c) => self.log.push(format!(
+                "resuming from {} (step {})",
+                c.folder.display(),
+                c.position.step
+            )),
+            None => self
+                .log
+                .push("no checkpoint verifies: the group starts from the beginning".into()),
         }
     }
 
@@ -425,6 +497,12 @@ impl JobState {
     /// How long a checkpoint waits for every rank's vote before it is abandoned.
     pub fn set_vote_timeout(&mut self, ms: u64) {
         self.vote_timeout_ms = ms.max(1);
+    }
+
+    /// Test-only: every commit's writer first sleeps `ms` (a commit slower than the vote's
+    /// deadline, as on a stalled shared file system).
+    pub fn set_commit_delay(&mut self, ms: u64) {
+        self.commit_delay_ms = ms;
     }
 
     /// A group whose global step does not advance for `ms` (0: off) is ended and re-formed: a

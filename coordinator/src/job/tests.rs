@@ -32,7 +32,7 @@ fn checkpoint_files(folder: &std::path::Path) -> Vec<FileEntry> {
 #[test]
 fn votes_naming_other_folders_or_files_and_strangers_leaving_are_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false);
+    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false).expect("state");
     let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
         panic!("group")
     };
@@ -44,7 +44,7 @@ fn votes_naming_other_folders_or_files_and_strangers_leaving_are_refused() {
         loss_scale: 1.0,
         ..Position::default()
     };
-    let good = tmp.path().join("ckpt-0000000004");
+    let good = tmp.path().join(checkpoint::staging_name(g, 4));
     let files = checkpoint_files(&good);
     let renamed = |name: &str| {
         let mut f = files.clone();
@@ -65,6 +65,9 @@ fn votes_naming_other_folders_or_files_and_strangers_leaving_are_refused() {
     assert!(!good.join("manifest.json").exists());
     let v = s.vote(Voter::rank(0, g), pos, Some(good.clone()), files, 6);
     assert!(v.committed, "{v:?}");
+    // The staging folder became the committed one.
+    assert!(!good.exists());
+    checkpoint::verify(&tmp.path().join(checkpoint::folder_name(4))).expect("committed");
     // A leave for an id that is no member does nothing; the member is still running.
     s.leave("stranger", true, "", 7);
     s.leave("stranger", false, "go away", 7);
@@ -81,7 +84,7 @@ fn two_ranks(dir: &std::path::Path) -> (JobState, crate::membership::Assignment)
         settle_ms: 100,
         timeout_ms: 10_000,
     };
-    let mut s = JobState::new(job(dir), members, false);
+    let mut s = JobState::new(job(dir), members, false).expect("state");
     s.join("a", 1, None, 0);
     let Join::Assigned { assignment, .. } = s.join("b", 1, None, 0) else {
         panic!("group")
@@ -89,9 +92,13 @@ fn two_ranks(dir: &std::path::Path) -> (JobState, crate::membership::Assignment)
     (s, assignment)
 }
 
-/// The folder, file votes and position of a checkpoint at step 12 (96 samples in).
-fn checkpoint_at_step_12(dir: &std::path::Path) -> (std::path::PathBuf, Vec<FileEntry>, Position) {
-    let folder = dir.join("ckpt-0000000012");
+/// Generation `g`'s staging folder, file votes and position of a checkpoint at step 12 (96
+/// samples in).
+fn checkpoint_at_step_12(
+    dir: &std::path::Path,
+    g: u64,
+) -> (std::path::PathBuf, Vec<FileEntry>, Position) {
+    let folder = dir.join(checkpoint::staging_name(g, 12));
     let files = checkpoint_files(&folder);
     let pos = Position {
         step: 12,
@@ -125,7 +132,7 @@ fn votes_commit_and_status_reports() {
         Err(StoreRefused::NotMember { .. })
     ));
     s.record_progress("a", 12, 1.5, 300.0, 10);
-    let (folder, files, pos) = checkpoint_at_step_12(tmp.path());
+    let (folder, files, pos) = checkpoint_at_step_12(tmp.path(), g);
     let ra = s.rank_of("a").expect("rank");
     let rb = s.rank_of("b").expect("rank");
     let first = s.vote(Voter::rank(ra, g), pos, Some(folder.clone()), files, 20);
@@ -138,7 +145,8 @@ fn votes_commit_and_status_reports() {
     assert!(!stale.accepted);
     let last = s.vote(Voter::rank(rb, g), pos, None, Vec::new(), 30);
     assert!(last.committed, "{last:?}");
-    let manifest = axial_common::checkpoint::verify(&folder).expect("committed and verified");
+    let committed = tmp.path().join(checkpoint::folder_name(12));
+    let manifest = axial_common::checkpoint::verify(&committed).expect("committed and verified");
     assert_eq!(
         (manifest.step, manifest.world, manifest.position.consumed),
         (12, 2, 96)
@@ -169,7 +177,7 @@ fn rank_0_votes_for_its_group_in_one_call() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (mut s, assignment) = two_ranks(tmp.path());
     let g = assignment.generation;
-    let (folder, files, pos) = checkpoint_at_step_12(tmp.path());
+    let (folder, files, pos) = checkpoint_at_step_12(tmp.path(), g);
     let (ra, rb) = (s.rank_of("a").expect("rank"), s.rank_of("b").expect("rank"));
     let (zero, other) = if ra == 0 { (ra, rb) } else { (rb, ra) };
     assert_eq!(zero, 0);
@@ -201,7 +209,8 @@ fn rank_0_votes_for_its_group_in_one_call() {
     );
     let v = s.vote(Voter::group(g), pos, Some(folder.clone()), files, 12);
     assert!(v.accepted && v.committed, "{v:?}");
-    let manifest = axial_common::checkpoint::verify(&folder).expect("committed and verified");
+    let committed = tmp.path().join(checkpoint::folder_name(12));
+    let manifest = axial_common::checkpoint::verify(&committed).expect("committed and verified");
     assert_eq!((manifest.step, manifest.world), (12, 2));
     assert_eq!(s.status(20).committed.expect("committed").step, 12);
 }
@@ -214,7 +223,7 @@ fn rank_0_votes_for_its_group_in_one_call() {
 fn changes_are_scheduled_recorded_and_survive_a_restart() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let members = one_worker(10_000);
-    let mut s = JobState::new(job(tmp.path()), members, false);
+    let mut s = JobState::new(job(tmp.path()), members, false).expect("state");
     let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
         panic!("group")
     };
@@ -248,7 +257,9 @@ fn changes_are_scheduled_recorded_and_survive_a_restart() {
     );
     assert!(bad.expect_err("bad lr").contains("lr"));
     // The next checkpoint records the change.
-    let folder = tmp.path().join("ckpt-0000000050");
+    let folder = tmp
+        .path()
+        .join(checkpoint::staging_name(assignment.generation, 50));
     let files = checkpoint_files(&folder);
     let pos = Position {
         step: 50,
@@ -265,13 +276,14 @@ fn changes_are_scheduled_recorded_and_survive_a_restart() {
         10,
     );
     assert!(v.committed, "{v:?}");
-    let m = axial_common::checkpoint::verify(&folder).expect("manifest");
+    let m = axial_common::checkpoint::verify(&tmp.path().join(checkpoint::folder_name(50)))
+        .expect("manifest");
     assert_eq!(m.changes, vec![change.clone()]);
     let status = s.status(11);
     assert_eq!(status.changes.len(), 1);
 
     // The coordinator restarts on its saved state.
-    let mut again = JobState::new(job(tmp.path()), members, true);
+    let mut again = JobState::new(job(tmp.path()), members, true).expect("state");
     assert_eq!(again.changes(), &[change][..]);
     assert_eq!(again.restarts(), 1);
     assert!(
@@ -298,7 +310,7 @@ fn changes_are_scheduled_recorded_and_survive_a_restart() {
 fn after_the_job_finished_joiners_are_told_so() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let members = one_worker(10_000);
-    let mut s = JobState::new(job(tmp.path()), members, false);
+    let mut s = JobState::new(job(tmp.path()), members, false).expect("state");
     assert!(matches!(s.join("a", 1, None, 0), Join::Assigned { .. }));
     assert!(matches!(s.join("standby", 1, None, 1), Join::Wait));
     s.leave("a", true, "", 2);
@@ -313,14 +325,14 @@ fn after_the_job_finished_joiners_are_told_so() {
 #[test]
 fn failed_commits_are_refused_shown_and_stop_the_job_when_they_persist() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false);
+    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false).expect("state");
     let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
         panic!("group")
     };
     let g = assignment.generation;
     for (n, step) in [4u64, 8, 12].into_iter().enumerate() {
-        let good = tmp.path().join(format!("written-{step}"));
-        let files = checkpoint_files(&good);
+        let staging = tmp.path().join(checkpoint::staging_name(g, step));
+        let files = checkpoint_files(&staging);
         let folder = tmp.path().join(checkpoint::folder_name(step));
         std::fs::write(&folder, b"not a folder").expect("write");
         let pos = Position {
@@ -328,7 +340,7 @@ fn failed_commits_are_refused_shown_and_stop_the_job_when_they_persist() {
             loss_scale: 1.0,
             ..Position::default()
         };
-        let v = s.vote(Voter::rank(0, g), pos, Some(folder), files, 10 * step);
+        let v = s.vote(Voter::rank(0, g), pos, Some(staging), files, 10 * step);
         assert!(!v.accepted && !v.committed, "{v:?}");
         assert!(v.reason.contains("commit failed"), "{v:?}");
         let status = s.status(10 * step);
@@ -359,7 +371,7 @@ fn the_job_ends_when_the_last_member_has_left() {
         settle_ms: 100,
         timeout_ms: 10_000,
     };
-    let mut s = JobState::new(job(tmp.path()), members, false);
+    let mut s = JobState::new(job(tmp.path()), members, false).expect("state");
     s.join("a", 1, None, 0);
     assert!(matches!(s.join("b", 1, None, 0), Join::Assigned { .. }));
     s.leave("a", true, "", 10);
@@ -368,7 +380,7 @@ fn the_job_ends_when_the_last_member_has_left() {
     assert!(s.done());
     // A member that never leaves is dropped after the heartbeat timeout.
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut s = JobState::new(job(tmp.path()), members, false);
+    let mut s = JobState::new(job(tmp.path()), members, false).expect("state");
     s.join("a", 1, None, 0);
     s.join("b", 1, None, 0);
     s.leave("a", true, "", 10);
@@ -384,7 +396,7 @@ fn the_job_ends_when_the_last_member_has_left() {
 fn a_stalled_group_is_ended_after_the_progress_timeout() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let members = one_worker(60_000);
-    let mut s = JobState::new(job(tmp.path()), members, false);
+    let mut s = JobState::new(job(tmp.path()), members, false).expect("state");
     s.set_progress_timeout(1000);
     let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
         panic!("group")
@@ -428,7 +440,7 @@ fn a_stalled_group_is_ended_after_the_progress_timeout() {
         again.generation,
         "progress after the rollback"
     );
-    let mut off = JobState::new(job(tmp.path()), members, false);
+    let mut off = JobState::new(job(tmp.path()), members, false).expect("state");
     off.join("a", 1, None, 0);
     off.tick(10);
     off.tick(1_000_000);
@@ -442,7 +454,7 @@ fn a_damaged_state_file_is_kept_and_generations_stay_new() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let j = job(tmp.path());
     std::fs::write(state_file(&j), b"{ not json").expect("write");
-    let mut s = JobState::new(j.clone(), one_worker(10_000), true);
+    let mut s = JobState::new(j.clone(), one_worker(10_000), true).expect("state");
     let aside = tmp.path().join("coordinator.json.damaged");
     assert_eq!(std::fs::read(&aside).expect("kept aside"), b"{ not json");
     assert!(
@@ -459,7 +471,7 @@ fn a_damaged_state_file_is_kept_and_generations_stay_new() {
         assignment.generation
     );
     // The fresh state file is valid again.
-    let again = JobState::new(j, one_worker(10_000), true);
+    let again = JobState::new(j, one_worker(10_000), true).expect("state");
     assert_eq!(again.restarts(), 1);
 }
 
@@ -470,11 +482,13 @@ fn a_damaged_state_file_is_kept_and_generations_stay_new() {
 #[test]
 fn a_drain_right_after_a_resume_lies_past_the_committed_step() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false);
+    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false).expect("state");
     let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
         panic!("group")
     };
-    let folder = tmp.path().join("ckpt-0000000040");
+    let folder = tmp
+        .path()
+        .join(checkpoint::staging_name(assignment.generation, 40));
     let files = checkpoint_files(&folder);
     let pos = Position {
         step: 40,
@@ -541,7 +555,7 @@ fn a_straggler_gets_a_smaller_share_of_the_batch() {
         settle_ms: 0,
         timeout_ms: 60_000,
     };
-    let mut s = JobState::new(config, members, false);
+    let mut s = JobState::new(config, members, false).expect("state");
     s.join("fast", 1, None, 0);
     let Join::Assigned { assignment, .. } = s.join("slow", 1, None, 0) else {
         panic!("group")
@@ -606,4 +620,182 @@ fn a_straggler_gets_a_smaller_share_of_the_batch() {
     assert_eq!(s.world(), 2);
     assert_eq!(s.shares_for(s.generation()), None);
     assert_eq!(s.current_shares(), vec![16; s.world()]);
+}
+
+/// A commit in flight decides the resume point: no group forms while it is written (a worker
+/// that re-joins waits), a vote for the same or an earlier step is refused meanwhile and after,
+/// and the group formed after it resumes from it.
+#[test]
+fn a_commit_in_flight_holds_formation_and_later_votes_at_or_below_it_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false).expect("state");
+    let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+        panic!("group")
+    };
+    let g = assignment.generation;
+    let staging = tmp.path().join(checkpoint::staging_name(g, 8));
+    let files = checkpoint_files(&staging);
+    let pos = Position {
+        step: 8,
+        consumed: 64,
+        samples_seen: 64,
+        loss_scale: 1.0,
+        ..Position::default()
+    };
+    let Cast::Commit(c) = s.cast_vote(
+        Voter::rank(0, g),
+        pos,
+        Some(staging.clone()),
+        files.clone(),
+        5,
+    ) else {
+        panic!("the last vote makes a commit")
+    };
+    let again = s.vote(
+        Voter::rank(0, g),
+        pos,
+        Some(staging.clone()),
+        files.clone(),
+        6,
+    );
+    assert!(
+        !again.accepted && again.reason.contains("being written"),
+        "{again:?}"
+    );
+    // The worker restarts while the commit is written: it waits.
+    assert!(matches!(
+        s.join("a", 2, Some((g, "restarted")), 7),
+        Join::Wait
+    ));
+    let written = c.write();
+    assert!(written.is_ok(), "{written:?}");
+    let v = s.finish_commit(c, written, 8);
+    assert!(v.committed, "{v:?}");
+    let Join::Assigned {
+        assignment: next,
+        resume,
+    } = s.join("a", 2, None, 9)
+    else {
+        panic!("formed after the commit")
+    };
+    assert_eq!(resume.expect("resume point").position.step, 8);
+    // The new group re-reaches step 8 (a slow old rank 0 too): refused, the commit intact.
+    let staging = tmp
+        .path()
+        .join(checkpoint::staging_name(next.generation, 8));
+    let files = checkpoint_files(&staging);
+    let v = s.vote(
+        Voter::rank(0, next.generation),
+        pos,
+        Some(staging),
+        files,
+        10,
+    );
+    assert!(
+        !v.accepted && v.reason.contains("not after the committed step"),
+        "{v:?}"
+    );
+    checkpoint::verify(&tmp.path().join(checkpoint::folder_name(8))).expect("intact");
+    assert!(s.failed().is_none());
+}
+
+/// Pruning is best effort after a durable commit: its failure is logged and counted apart,
+/// the commit stands, and no number of them stops the job.
+#[test]
+fn a_failed_pruning_does_not_fail_the_commit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut s = JobState::new(job(tmp.path()), one_worker(10_000), false).expect("state");
+    let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+        panic!("group")
+    };
+    let g = assignment.generation;
+    for step in [4u64, 8, 12, 16] {
+        let staging = tmp.path().join(checkpoint::staging_name(g, step));
+        let files = checkpoint_files(&staging);
+        let pos = Position {
+            step,
+            loss_scale: 1.0,
+            ..Position::default()
+        };
+        let Cast::Commit(c) = s.cast_vote(Voter::rank(0, g), pos, Some(staging), files, step)
+        else {
+            panic!("commit")
+        };
+        let written = c.write();
+        let v = s.finish_commit(c, written, step);
+        assert!(v.committed);
+        s.finish_pruning(Err(format!(
+            "pruning {}: disk I/O error",
+            tmp.path().display()
+        )));
+    }
+    assert_eq!(s.prune_failures().0, 4);
+    assert!(s.failed().is_none(), "pruning failures do not stop the job");
+    assert_eq!(s.status(20).commit_failures, 0);
+    assert!(
+        s.log
+            .iter()
+            .any(|l| l.contains("failed (the commit stands)"))
+    );
+}
+
+/// A `coordinator.json` that exists but cannot be read is an error, never "absent" (which
+/// would restart the generations at 0 and overwrite it); a damaged one is kept aside.
+#[test]
+fn an_unreadable_state_file_is_an_error_and_a_damaged_one_is_kept_aside() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = state_file(&job(tmp.path()));
+    // A folder where the file should be: reading it fails with an error other than absent.
+    std::fs::create_dir_all(&path).expect("mkdir");
+    let err = JobState::new(job(tmp.path()), one_worker(10_000), true).expect_err("unreadable");
+    assert!(
+        err.contains("coordinator.json") && err.contains("cannot read"),
+        "{err}"
+    );
+    assert!(path.is_dir(), "left as it was");
+    std::fs::remove_dir(&path).expect("rmdir");
+    std::fs::write(&path, b"{ not json").expect("write");
+    let s = JobState::new(job(tmp.path()), one_worker(10_000), true).expect("damaged: goes on");
+    assert!(s.log.iter().any(|l| l.contains("is damaged")));
+    assert!(path.with_extension("json.damaged").exists(), "kept aside");
+}
+
+/// A committed checkpoint damaged after its commit is not handed out: the next group resumes
+/// from the newest one that verifies (all ranks alike).
+#[test]
+fn a_damaged_committed_checkpoint_falls_back_to_the_newest_that_verifies() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut j = job(tmp.path());
+    j.checkpoint.keep = 3;
+    let mut s = JobState::new(j, one_worker(10_000), false).expect("state");
+    let Join::Assigned { assignment, .. } = s.join("a", 1, None, 0) else {
+        panic!("group")
+    };
+    let g = assignment.generation;
+    for step in [4u64, 8] {
+        let staging = tmp.path().join(checkpoint::staging_name(g, step));
+        let files = checkpoint_files(&staging);
+        let pos = Position {
+            step,
+            loss_scale: 1.0,
+            ..Position::default()
+        };
+        assert!(
+            s.vote(Voter::rank(0, g), pos, Some(staging), files, step)
+                .committed
+        );
+    }
+    // The newest one's weights are damaged on the storage.
+    std::fs::write(
+        tmp.path()
+            .join(checkpoint::folder_name(8))
+            .join("model.safetensors"),
+        b"damaged",
+    )
+    .expect("write");
+    let Join::Assigned { resume, .. } = s.join("a", 2, Some((g, "restarted")), 20) else {
+        panic!("re-formed")
+    };
+    assert_eq!(resume.expect("resume point").position.step, 4);
+    assert!(s.log.iter().any(|l| l.contains("does not verify")));
 }

@@ -2,6 +2,8 @@
 //! `axial_common::checkpoint`).
 //!
 //! ```text
+//! <dir>/.staging-g<generation>-0000001200/   written here by rank 0 (or a single worker),
+//!                                              renamed by the commit to:
 //! <dir>/ckpt-0000001200/
 //!     model.safetensors       weights and buffers, PyTorch names
 //!     optimizer.safetensors   momentum buffers / Adam moments, `<kind>.<param name>`
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use axial_common::JobConfig;
 pub use axial_common::checkpoint::{CheckpointManifest, FORMAT, FileEntry, Position, list, verify};
-use axial_common::checkpoint::{commit, describe, folder_name, prune, write_atomic};
+use axial_common::checkpoint::{commit, describe, folder_name, prune, staging_name, write_atomic};
 use tch::Tensor;
 
 use crate::error::{Error, Result};
@@ -44,16 +46,20 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Writes the files of the checkpoint at `pos.step` (not yet committed); returns the folder and
+/// Writes the files of the checkpoint at `pos.step` (not yet committed) into this
+/// generation's staging folder for it (never into a committed folder); returns the folder and
 /// the files' entries.
 pub fn write_files(
     dir: &Path,
+    generation: u64,
     job: &JobConfig,
     model: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
     pos: Position,
 ) -> Result<(PathBuf, Vec<FileEntry>)> {
-    let folder = dir.join(folder_name(pos.step));
+    let folder = dir.join(staging_name(generation, pos.step));
+    // A staging folder is this writer's own (an earlier try of the same generation and step):
+    // it never holds a manifest.
     if folder.exists() {
         std::fs::remove_dir_all(&folder).map_err(io_err(&folder))?;
     }
@@ -123,6 +129,7 @@ pub struct Written {
 /// training thread. Nothing is committed before its files are complete.
 pub struct Writer {
     dir: PathBuf,
+    generation: u64,
     job: JobConfig,
     /// Commit and keep this many (a single worker); None: leave the commit to the coordinator.
     commit_keep: Option<usize>,
@@ -147,9 +154,10 @@ impl Drop for Writer {
 }
 
 impl Writer {
-    pub fn new(job: &JobConfig, commit_keep: Option<usize>) -> Self {
+    pub fn new(job: &JobConfig, generation: u64, commit_keep: Option<usize>) -> Self {
         Self {
             dir: job.checkpoint.dir.clone(),
+            generation,
             job: job.clone(),
             commit_keep,
             pending: None,
@@ -160,6 +168,7 @@ impl Writer {
     pub fn start(&mut self, snapshot: Snapshot) -> Result<Option<Written>> {
         let previous = self.finish()?;
         let (dir, job, keep) = (self.dir.clone(), self.job.clone(), self.commit_keep);
+        let generation = self.generation;
         let handle = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
@@ -169,11 +178,17 @@ impl Writer {
                     optimizer,
                     pos,
                 } = snapshot;
-                let (folder, files) = write_files(&dir, &job, &model, &optimizer, pos)?;
+                let (mut folder, files) =
+                    write_files(&dir, generation, &job, &model, &optimizer, pos)?;
                 if let Some(keep) = keep {
-                    commit(&folder, &manifest(&job, pos, 1, files.clone()))
-                        .map_err(io_err(&folder))?;
-                    prune(&dir, keep, &folder).map_err(io_err(&dir))?;
+                    let committed = dir.join(folder_name(pos.step));
+                    commit(&folder, &committed, &manifest(&job, pos, 1, files.clone()))
+                        .map_err(io_err(&committed))?;
+                    folder = committed;
+                    // Best effort: the commit stands whatever pruning meets.
+                    if let Err(e) = prune(&dir, keep, &folder, pos.step) {
+                        eprintln!("warning: pruning {}: {e}", dir.display());
+                    }
                 }
                 Ok(Written {
                     pos,
@@ -304,7 +319,7 @@ mod tests {
         let model = Model::new(&job.model, tch::Device::Cpu, 3);
         let (name, original) = first_float(&model);
         let original = original.copy();
-        let mut writer = Writer::new(&job, Some(2));
+        let mut writer = Writer::new(&job, 0, Some(2));
         for step in [10u64, 20, 30] {
             let pos = Position {
                 step,
@@ -351,7 +366,7 @@ mod tests {
                 );
             }
         }
-        let mut group_writer = Writer::new(&job, None);
+        let mut group_writer = Writer::new(&job, 7, None);
         group_writer
             .start(Snapshot::take(&model, Vec::new(), Position::default()))
             .expect("start");
@@ -359,6 +374,11 @@ mod tests {
         assert!(
             !w.folder.join("manifest.json").exists(),
             "left to the coordinator"
+        );
+        assert_eq!(
+            w.folder,
+            tmp.path().join(staging_name(7, 0)),
+            "written into generation 7's staging folder"
         );
         assert_eq!(w.files.len(), 4);
     }

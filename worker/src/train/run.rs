@@ -64,6 +64,9 @@ pub struct RunOptions {
     /// With `[data] log_samples`: this worker's name in the log's file name, and the
     /// generation its lines carry (0 for a single worker).
     pub sample_log: (String, u64),
+    /// The generation of the group (0 for a single worker): rank 0's checkpoints are written
+    /// into staging folders named with it.
+    pub generation: u64,
     /// Set on SIGTERM: alone, the run checkpoints after the step in progress and stops; in a
     /// group, it asks the coordinator to drain the group (see `Coordination::drain_at`).
     pub terminate: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -245,7 +248,11 @@ pub fn run(
         device,
         dist,
         // Checkpoint files are written off this thread; alone, the writer also commits them.
-        writer: Writer::new(job, group.is_none().then_some(job.checkpoint.keep)),
+        writer: Writer::new(
+            job,
+            opts.generation,
+            group.is_none().then_some(job.checkpoint.keep),
+        ),
         live: LiveJob::default(),
         sample_log,
         progress: Progress::new(total_steps, pos.step, quiet),
