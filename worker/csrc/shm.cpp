@@ -182,9 +182,24 @@ void Shm::abort() {
   futex(&header_->generation, FUTEX_WAKE, INT_MAX, nullptr);
 }
 
+namespace {
+
+// Whether process `pid` has ended: gone from the table, or a zombie its parent has not reaped.
+bool ended(int pid) {
+  if (::kill(pid, 0) != 0 && errno == ESRCH) return true;
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(f, line)) return false;
+  const auto close = line.rfind(')');  // the command name may hold spaces and parentheses
+  return close != std::string::npos && close + 2 < line.size() &&
+         (line[close + 2] == 'Z' || line[close + 2] == 'X');
+}
+
+}  // namespace
+
 void Shm::check_peers() const {
   for (int pid : peers_) {
-    if (::kill(pid, 0) != 0 && errno == ESRCH) {
+    if (ended(pid)) {
       throw std::runtime_error("a peer rank's process (pid " + std::to_string(pid) + ") is gone");
     }
   }
