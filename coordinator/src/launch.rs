@@ -38,6 +38,9 @@ pub struct ServeOptions {
     /// After the job finished, keep `/metrics` up this long (a scrape then sees
     /// `axial_coordinator_job_finished 1`, and alerts know the job ended rather than died).
     pub linger: Duration,
+    /// On SIGTERM, serve on this long at most while the group drains to a checkpoint and
+    /// leaves (the manifests' termination grace period covers it).
+    pub grace: Duration,
 }
 
 /// Where a coordinator listens, once bound.
@@ -111,9 +114,11 @@ pub async fn serve(
             "coordinator: dashboard on {scheme}://{bound}/ (status at /api/status, metrics at /metrics)"
         );
     }
-    let ticker = service.clone();
     let failed = service.state.clone();
-    let done = async move {
+    // Time passes on a task of its own, so that it goes on while a SIGTERM drains the group.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let ticker = service.clone();
+    tokio::spawn(async move {
         let mut printed = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -121,7 +126,8 @@ pub async fn serve(
                 break;
             }
         }
-    };
+        let _ = done_tx.send(());
+    });
     if let Some(tx) = ready {
         let _ = tx.send(Bound {
             grpc: addr,
@@ -129,18 +135,42 @@ pub async fn serve(
         });
     }
     eprintln!("coordinator: listening on {addr}");
-    // SIGTERM (a preempted pod, a time limit): the job's state is on disk already (the
-    // committed checkpoints, coordinator.json); stop, and exit with an error so that a
-    // supervisor starts a coordinator again, with --resume. The workers wait for it.
+    // SIGTERM (a scheduler stops the job: Kueue suspending it, a `kubectl delete`, a node
+    // drain, `scancel`): the coordinator serves on while the running group drains to a
+    // checkpoint and its workers leave, at most --grace; then it exits with an error so that a
+    // supervisor starts it again, with --resume. Workers still running then wait for it.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("a SIGTERM handler")?;
     let (terminated_tx, terminated_rx) = tokio::sync::oneshot::channel::<()>();
+    let draining = service.clone();
+    let grace = opts.grace;
     let shutdown = async move {
         tokio::select! {
-            () = done => {}
+            _ = done_rx => {}
             _ = tokio::signal::ctrl_c() => eprintln!("coordinator: interrupted"),
             _ = sigterm.recv() => {
-                eprintln!("coordinator: terminated (SIGTERM); start it again with --resume to go on");
+                let step = draining.state.lock().unwrap_or_else(|e| e.into_inner()).stop_gracefully();
+                match step {
+                    Some(step) => eprintln!(
+                        "coordinator: terminated (SIGTERM): the group checkpoints after step {step} and leaves (at most {} s)",
+                        grace.as_secs()
+                    ),
+                    None => eprintln!("coordinator: terminated (SIGTERM)"),
+                }
+                let deadline = tokio::time::Instant::now() + grace;
+                loop {
+                    let stopped = draining.state.lock().unwrap_or_else(|e| e.into_inner()).stopped();
+                    if stopped {
+                        eprintln!("coordinator: every worker has left");
+                        break;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        eprintln!("coordinator: --grace of {} s is over; leaving", grace.as_secs());
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                eprintln!("coordinator: start it again with --resume to go on");
                 let _ = terminated_tx.send(());
             }
         }
@@ -311,6 +341,7 @@ pub fn launch(job_path: &Path, o: &LaunchOptions) -> anyhow::Result<()> {
         progress_timeout_ms: o.progress_timeout_s * 1000,
         vote_timeout_ms: 120_000,
         linger: Duration::from_secs(o.linger_s),
+        grace: Duration::from_secs(120),
     };
     let server = rt.spawn(serve(job, opts, Some(tx)));
     let bound = match rt.block_on(rx) {

@@ -105,6 +105,12 @@ enum Command {
         /// it above the scrape interval.
         #[arg(long, default_value_t = 0)]
         linger: u64,
+        /// On SIGTERM (a scheduler stopping the job), serve on at most this many seconds
+        /// while the running group checkpoints and its workers leave; then exit. Keep it
+        /// below the pod's terminationGracePeriodSeconds (150 in deploy/k8s) and above a
+        /// checkpoint write plus a few steps.
+        #[arg(long, default_value_t = 120)]
+        grace: u64,
         /// Serve plain gRPC on an address other hosts can reach (without TLS the job token and
         /// the collective's rendezvous cross the network in clear text). Needed to serve
         /// without --tls-cert/--tls-key anywhere but on loopback.
@@ -220,10 +226,11 @@ fn main() {
             insecure,
             vote_timeout,
             linger,
+            grace,
         } => serve_cmd(
             tls,
             &job,
-            (listen, insecure, linger),
+            (listen, insecure, linger, grace),
             &token_file,
             (
                 workers,
@@ -322,7 +329,7 @@ struct ClientTls {
 fn serve_cmd(
     tls: ServerTls,
     job: &std::path::Path,
-    (listen, insecure, linger): (std::net::SocketAddr, bool, u64),
+    (listen, insecure, linger, grace): (std::net::SocketAddr, bool, u64, u64),
     token_file: &std::path::Path,
     (workers, min, heartbeat_timeout, progress_timeout, vote_timeout): (
         usize,
@@ -418,6 +425,7 @@ fn serve_cmd(
         progress_timeout_ms: progress_timeout * 1000,
         vote_timeout_ms: vote_timeout * 1000,
         linger: std::time::Duration::from_secs(linger),
+        grace: std::time::Duration::from_secs(grace),
     };
     let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
     rt.block_on(serve(config, opts, None))

@@ -73,6 +73,10 @@ impl Service {
                 status: v1::join_reply::Status::Finished as i32,
                 ..Default::default()
             },
+            Join::Stopped => JoinReply {
+                status: v1::join_reply::Status::Stopped as i32,
+                ..Default::default()
+            },
             Join::Assigned { assignment, resume } => JoinReply {
                 status: v1::join_reply::Status::Assigned as i32,
                 rank: assignment.rank as u32,

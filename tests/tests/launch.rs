@@ -301,6 +301,78 @@ fn coordinator_killed_mid_run_comes_back_and_the_job_finishes() {
     assert_eq!(a, b, "replicas differ");
 }
 
+/// SIGTERM to the coordinator while the group trains (a scheduler stopping the whole job):
+/// it serves on, the group checkpoints after a step every rank reaches only after hearing of
+/// it, the workers leave as terminated (143), and the coordinator exits once they have left.
+/// Nothing since the previous checkpoint is lost: started again with --resume, the job goes on
+/// from the drain's checkpoint and ends with every sample once. (Before, the coordinator left
+/// at once and the workers lost their progress since the last checkpoint.)
+#[test]
+fn a_terminated_coordinator_drains_the_group_before_it_leaves() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    // Long enough to be stopped mid-way (150 steps an epoch), checkpoints far apart (every
+    // 100 steps): the drain's is the one after SIGTERM.
+    std::fs::write(
+        dir.join("job.toml"),
+        JOB.replace("train = 200", "train = 2400")
+            .replace("every_steps = 5", "every_steps = 100"),
+    )
+    .expect("write");
+    std::fs::write(dir.join("token"), "a-test-token-of-enough-length").expect("write");
+    let port = free_port();
+    let (mut first, lines) = serve(dir, port, false);
+    until(&lines, "listening on");
+    let mut workers: Vec<std::process::Child> = (0..2).map(|i| join(dir, port, i)).collect();
+    until(&lines, "Formed");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // SAFETY of the test: a signal to our own child.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(first.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let seen = until(&lines, "every worker has left");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("the group checkpoints after step")),
+        "{seen:#?}"
+    );
+    let status = first.wait().expect("the coordinator");
+    assert!(
+        !status.success(),
+        "exits non-zero: a supervisor starts it again"
+    );
+    for (i, w) in workers.iter_mut().enumerate() {
+        let status = w.wait().expect("worker");
+        assert_eq!(status.code(), Some(143), "w{i} leaves as terminated");
+    }
+    let drained = final_manifest(dir);
+    let step = drained["position"]["step"].as_u64().expect("step");
+    println!("drained to the checkpoint at step {step}");
+    assert!(
+        step > 0 && !step.is_multiple_of(100) && step < 300,
+        "the drain's own checkpoint, mid-run ({step})"
+    );
+    // Started again, the job goes on from there and finishes.
+    let (mut second, lines) = serve(dir, port, true);
+    let mut workers: Vec<std::process::Child> = (0..2).map(|i| join(dir, port, i)).collect();
+    let seen = until(&lines, "Formed");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("resuming from") && l.contains(&format!("step {step}"))),
+        "{seen:#?}"
+    );
+    for (i, w) in workers.iter_mut().enumerate() {
+        wait_ok(w, &format!("worker w{i}"));
+    }
+    wait_ok(&mut second, "the restarted coordinator");
+    assert_each_sample_once(dir, 2, 2400);
+    assert_eq!(
+        final_manifest(dir)["position"]["samples_seen"].as_u64(),
+        Some(4800)
+    );
+}
+
 /// `axial-worker join` as `w<i>` to the coordinator on `port`, appending to `w<i>.log`.
 fn join(dir: &Path, port: u16, i: usize) -> std::process::Child {
     let log = std::fs::OpenOptions::new()
@@ -732,6 +804,99 @@ fn one_join_with_local_ranks_runs_a_rank_per_device() {
     let a = std::fs::read_to_string(dir.join("ckpt/replica-0.sha256")).expect("rank 0");
     let b = std::fs::read_to_string(dir.join("ckpt/replica-1.sha256")).expect("rank 1");
     assert_eq!(a, b, "replicas differ");
+}
+
+/// `join --local-ranks 2` with one local rank hit by `fault` once the group has committed a
+/// checkpoint; `extra` flags for the node. Returns the node's exit status, its stderr and the
+/// run's folder (the coordinator is stopped).
+fn local_rank_fault(
+    name: &str,
+    fault: libc::c_int,
+    extra: &[&str],
+) -> (std::process::ExitStatus, String, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::write(dir.join("job.toml"), long_job()).expect("write");
+    std::fs::write(dir.join("token"), "a-test-token-of-enough-length").expect("write");
+    let port = free_port();
+    let (mut coordinator, lines) = serve(dir, port, false);
+    until(&lines, "listening on");
+    let mut node = Command::new(bin("axial-worker"))
+        .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .args(["--worker-id", name, "--local-ranks", "2", "--device", "cpu"])
+        .args(["--metrics-listen", ""])
+        .args(extra)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("join");
+    let node_lines = stream_lines(node.stderr.take().expect("stderr"));
+    until(&lines, "committed");
+    let rank1 = format!("{name}-1");
+    let pids = pids_with(&["--worker-id", &rank1]);
+    assert_eq!(pids.len(), 1, "local rank 1: {pids:?}");
+    // SAFETY of the test: a signal to our own grandchild.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pids[0] as libc::pid_t, fault);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(150);
+    let status = loop {
+        if let Some(status) = node.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = node.kill();
+            let _ = coordinator.kill();
+            panic!("the node never ended (a survivor waits alone for its sibling)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let text: Vec<String> = node_lines.try_iter().collect();
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    (status, text.join("\n"), tmp)
+}
+
+/// A local rank that crashes is started again under its id: the group re-forms and the job
+/// ends with every sample once and identical replicas. (Before, the parent recorded the
+/// failure and waited, the survivor re-joined alone, and the node hung for ever.)
+#[test]
+fn a_crashed_local_rank_is_started_again_and_the_job_finishes() {
+    let (status, stderr, tmp) = local_rank_fault("crashed", libc::SIGKILL, &[]);
+    assert!(status.success(), "the node failed: {status}\n{stderr}");
+    assert!(stderr.contains("starting it again"), "{stderr}");
+    let m = final_manifest(tmp.path());
+    assert_eq!(m["position"]["samples_seen"].as_u64(), Some(800));
+    assert_each_sample_once(tmp.path(), 2, 400);
+    let a = std::fs::read_to_string(tmp.path().join("ckpt/replica-0.sha256")).expect("rank 0");
+    let b = std::fs::read_to_string(tmp.path().join("ckpt/replica-1.sha256")).expect("rank 1");
+    assert_eq!(a, b, "replicas differ");
+}
+
+/// A local rank that hangs (SIGSTOP: every thread stopped, no exit) falls silent on its
+/// liveness pipe: the parent kills it after --hang-timeout and starts it again.
+#[test]
+fn a_hung_local_rank_is_killed_and_started_again() {
+    let (status, stderr, tmp) = local_rank_fault("hung", libc::SIGSTOP, &["--hang-timeout", "4"]);
+    assert!(status.success(), "the node failed: {status}\n{stderr}");
+    assert!(stderr.contains("was silent for 4 s"), "{stderr}");
+    assert_each_sample_once(tmp.path(), 2, 400);
+}
+
+/// Past --max-restarts the node's processes end together and the parent exits non-zero,
+/// naming the rank, so that the scheduler restarts the pod.
+#[test]
+fn a_local_rank_past_its_restarts_ends_the_node() {
+    let (status, stderr, _tmp) =
+        local_rank_fault("doomed", libc::SIGKILL, &["--max-restarts", "0"]);
+    assert!(!status.success());
+    assert!(stderr.contains("local rank 1"), "{stderr}");
+    assert!(
+        pids_with(&["--worker-id", "doomed-0"]).is_empty(),
+        "the sibling outlived the node"
+    );
 }
 
 /// Training heartbeats far apart (here only the last step reports, after more than the

@@ -104,6 +104,15 @@ pub struct JoinArgs {
     /// is passed on to all of them (see `local_ranks`).
     #[arg(long, default_value_t = 1)]
     pub local_ranks: usize,
+    /// With --local-ranks: times a local rank that crashed or hung is started again (under its
+    /// id, after 1, 2, 4 ... s); then the parent stops the others and exits non-zero, so that
+    /// the scheduler restarts the pod or the node's task.
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
+    /// With --local-ranks: seconds a local rank may stay silent (stopped, or every thread
+    /// stuck) before the parent kills it and counts a failure.
+    #[arg(long, default_value_t = 60)]
+    pub hang_timeout: u64,
 }
 
 #[derive(Clone)]
@@ -420,6 +429,7 @@ impl Session {
                     unreachable_since = None;
                     if r.status == v1::join_reply::Status::Assigned as i32
                         || r.status == v1::join_reply::Status::Finished as i32
+                        || r.status == v1::join_reply::Status::Stopped as i32
                     {
                         return Ok(r);
                     }
@@ -592,6 +602,8 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         1 => {}
         n => return crate::local_ranks::run(args, n),
     }
+    // A local rank tells its parent it is alive (see `local_ranks`).
+    crate::local_ranks::report_liveness();
     // SIGTERM (a preempted pod, a time limit): the group checkpoints, this worker leaves.
     let terminate = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, terminate.clone())
@@ -687,6 +699,14 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         if reply.status == v1::join_reply::Status::Finished as i32 {
             eprintln!("{worker_id}: the job has finished; nothing to join");
             return Ok(());
+        }
+        if reply.status == v1::join_reply::Status::Stopped as i32 {
+            // The coordinator is stopping (the job is being stopped): the group has drained.
+            return Err(Terminated(format!(
+                "{worker_id}: the coordinator is stopping the job (SIGTERM); its last checkpoint \
+                 is committed"
+            ))
+            .into());
         }
         session.generation = reply.generation;
         session.changes = reply.changes.iter().map(Into::into).collect();

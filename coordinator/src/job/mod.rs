@@ -89,6 +89,8 @@ pub enum Join {
     Wait,
     /// The job has finished (a member left with it done): nothing to join.
     Finished,
+    /// The coordinator is stopping (SIGTERM): no group forms; the worker leaves.
+    Stopped,
     Assigned {
         assignment: Assignment,
         resume: Option<Committed>,
@@ -123,6 +125,9 @@ pub struct JobState {
     commit_delay_ms: u64,
     /// The generation whose resume point was last verified.
     verified_for: Option<u64>,
+    /// The coordinator got SIGTERM: the running group drains to a checkpoint, and no group
+    /// forms again (see `stop_gracefully`).
+    stopping: bool,
     /// Why the job cannot go on (commits failing again and again): workers are told to stop
     /// and the coordinator exits with it.
     failed: Option<String>,
@@ -248,6 +253,7 @@ impl JobState {
             commit_in_flight: None,
             commit_delay_ms: 0,
             verified_for: None,
+            stopping: false,
             failed: None,
             committed,
             pending_folder: None,
@@ -317,6 +323,13 @@ impl JobState {
             // It leaves at once: the job does not wait for it.
             self.membership.forget(worker);
             return Join::Finished;
+        }
+        if self.stopping {
+            // The group drained (or never formed): no group forms again; it leaves.
+            let before = self.membership.generation();
+            self.membership.forget(worker);
+            self.after_membership_change(before);
+            return Join::Stopped;
         }
         let before = self.membership.generation();
         if let Some((generation, reason)) = abandoned {
@@ -425,6 +438,39 @@ impl JobState {
         ));
         self.drain = Some((generation, step, worker.to_owned()));
         Some(step)
+    }
+
+    /// SIGTERM to the coordinator (a scheduler stops the whole job: Kueue suspending it, a
+    /// `kubectl delete`, a node drain, `scancel`): the running group checkpoints after a step
+    /// every rank reaches only after hearing of it, as for a terminating member, and then every
+    /// worker leaves; no group forms again. Returns the drain step, if a group is running.
+    pub fn stop_gracefully(&mut self) -> Option<u64> {
+        self.stopping = true;
+        let generation = self.membership.generation();
+        let running = self.membership.phase() == crate::membership::Phase::Running;
+        if !running {
+            self.log.push("stopping: no group is running".into());
+            return None;
+        }
+        if let Some((g, step, _)) = &self.drain
+            && *g == generation
+        {
+            return Some(*step);
+        }
+        let step = self
+            .highest_step()
+            .saturating_add(self.job.train.log_every.saturating_mul(2))
+            .saturating_add(1);
+        self.log.push(format!(
+            "stopping (SIGTERM): the group checkpoints after step {step}, then every worker leaves"
+        ));
+        self.drain = Some((generation, step, "the coordinator".to_owned()));
+        Some(step)
+    }
+
+    /// Stopping, and every member has left (or was dropped).
+    pub fn stopped(&self) -> bool {
+        self.stopping && self.membership.member_count() == 0
     }
 
     /// Why the job cannot go on, if it cannot.
