@@ -80,8 +80,10 @@ enum Command {
         min: Option<usize>,
         #[arg(long)]
         resume: bool,
-        /// Serve /, /metrics and /api/status here (over HTTPS with --tls-cert/--tls-key).
-        #[arg(long, default_value = "0.0.0.0:9400")]
+        /// Serve /, /metrics and /api/status here (over HTTPS with --tls-cert/--tls-key). The
+        /// port is outside the Prometheus exporters' range (9400 is NVIDIA's DCGM exporter,
+        /// which runs on most GPU nodes).
+        #[arg(long, default_value = "0.0.0.0:8790")]
         http: std::net::SocketAddr,
         #[command(flatten)]
         tls: ServerTls,

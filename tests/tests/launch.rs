@@ -373,6 +373,38 @@ fn a_terminated_coordinator_drains_the_group_before_it_leaves() {
     );
 }
 
+/// A worker waits at most --join-timeout for a group to form (here the coordinator waits for
+/// 2 workers and only one comes), then exits with an error saying so: a half-scheduled job does
+/// not hold its GPUs for ever. (Before, it waited for ever.)
+#[test]
+fn a_worker_gives_up_when_no_group_forms_within_the_join_timeout() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::write(dir.join("job.toml"), long_job()).expect("write");
+    std::fs::write(dir.join("token"), "a-test-token-of-enough-length").expect("write");
+    let port = free_port();
+    let (mut coordinator, lines) = serve(dir, port, false);
+    until(&lines, "listening on");
+    let started = std::time::Instant::now();
+    let out = run(Command::new(bin("axial-worker"))
+        .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
+        .args([
+            "--worker-id",
+            "alone",
+            "--join-timeout",
+            "3",
+            "--token-file",
+        ])
+        .arg(dir.join("token")));
+    let took = started.elapsed().as_secs_f64();
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no group formed within 3 s"), "{stderr}");
+    assert!(took < 20.0, "gave up after {took:.1} s");
+}
+
 /// `axial-worker join` as `w<i>` to the coordinator on `port`, appending to `w<i>.log`.
 fn join(dir: &Path, port: u16, i: usize) -> std::process::Child {
     let log = std::fs::OpenOptions::new()

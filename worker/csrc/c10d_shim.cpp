@@ -32,17 +32,18 @@ std::vector<at::Tensor> gather(at::Tensor** tensors, int n) {
 }
 
 // In-place sum over ranks of `ts` (same dtype, dense): one coalesced collective (or, between
-// ranks on one host, sums through shared memory: shm.hpp). Its errors
-// carry a mark (collective::FAILURE_MARK on the Rust side): inside autograd they surface as
-// plain torch errors, and the worker must still know a collective failed.
+// the two ranks of a group on one host, sums through shared memory: shm.hpp; with two ranks
+// a + b is the same bits in any order, so the result does not depend on where the ranks run).
+// Its errors carry a mark (collective::FAILURE_MARK on the Rust side): inside autograd they
+// surface as plain torch errors, and the worker must still know a collective failed.
 void sum_coalesced(const Group& g, std::vector<at::Tensor>& ts) {
   try {
     // One tensor, or parts of one buffer lying back to back (gradients in their bucket's
     // storage): a plain all-reduce of it, in place. Otherwise the coalesced all-reduce, which
     // copies the tensors into a flat buffer and back.
     auto flat = ts.size() == 1 ? ts[0] : axial::flat_alias(ts);
-    // Ranks on one host: through shared memory, one tensor (or one buffer) at a time.
-    if (g.shm) {
+    // Two ranks on one host: through shared memory, one tensor (or one buffer) at a time.
+    if (g.shm && g.pg->getSize() == 2) {
       if (flat.defined() && g.shm->sum(flat, g.aborted)) return;
       bool eligible = !ts.empty();
       for (const auto& t : ts) {
@@ -75,7 +76,36 @@ void sum_coalesced(const Group& g, std::vector<at::Tensor>& ts) {
   }
 }
 
-// sum_coalesced, its time added to the group's sync_wait_ns.
+// In-place sum over ranks of one contiguous CPU tensor, added up in rank order on every rank,
+// so that the bits do not depend on the transport or on where the ranks run: through shared
+// memory between ranks on one host, else every rank's values gathered (Gloo) and summed here.
+// For the synchronized norms' sums (a few kilobytes). False when it does not apply.
+bool sum_in_rank_order(const Group& g, at::Tensor& t) {
+  if (!t.defined() || t.device().type() != at::kCPU || !t.is_contiguous() ||
+      (t.scalar_type() != at::kDouble && t.scalar_type() != at::kFloat)) {
+    return false;
+  }
+  try {
+    if (g.shm) return g.shm->sum(t, g.aborted);
+    if (!g.host_staging) return false;  // NCCL: its own all-reduce
+    const int world = g.pg->getSize();
+    std::vector<std::vector<at::Tensor>> outputs(1);
+    for (int r = 0; r < world; ++r) outputs[0].push_back(at::empty_like(t));
+    std::vector<at::Tensor> inputs{t};
+    c10d::AllgatherOptions opts;
+    opts.timeout = g.timeout;
+    axial::wait_work(g, g.pg->allgather(outputs, inputs, opts));
+    at::NoGradGuard no_grad;
+    t.copy_(outputs[0][0]);
+    for (int r = 1; r < world; ++r) t.add_(outputs[0][r]);
+    return true;
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string("axial collective failed: ") + e.what());
+  }
+}
+
+// A synchronized norm's sum over ranks (in rank order where it can: sum_in_rank_order), its
+// time added to the group's sync_wait_ns.
 void timed_sum(const Group& g, std::vector<at::Tensor>& ts) {
   auto start = std::chrono::steady_clock::now();
   struct Add {
@@ -87,6 +117,7 @@ void timed_sum(const Group& g, std::vector<at::Tensor>& ts) {
       g.sync_calls.fetch_add(1, std::memory_order_relaxed);
     }
   } add{g, start};
+  if (ts.size() == 1 && sum_in_rank_order(g, ts[0])) return;
   sum_coalesced(g, ts);
 }
 

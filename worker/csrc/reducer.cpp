@@ -66,9 +66,9 @@ struct Reducer {
       in_place[b] = false;
     }
     flat[b] = buffer;
-    // Ranks on one host: summed here, through shared memory (no core is free to overlap it
-    // anyway when every core runs a rank).
-    if (group->shm && group->shm->sum(buffer, group->aborted)) return;
+    // Two ranks on one host: summed here, through shared memory (no core is free to overlap
+    // it anyway when every core runs a rank; with two ranks the bits are those of Gloo's sum).
+    if (group->shm && group->pg->getSize() == 2 && group->shm->sum(buffer, group->aborted)) return;
     std::vector<at::Tensor> ts{buffer};
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;

@@ -113,6 +113,11 @@ pub struct JoinArgs {
     /// stuck) before the parent kills it and counts a failure.
     #[arg(long, default_value_t = 60)]
     pub hang_timeout: u64,
+    /// Seconds to wait for a group to form (the coordinator reachable, the group short of
+    /// workers) before giving up with an error, so that a half-scheduled job does not hold its
+    /// GPUs for ever (0: wait for ever).
+    #[arg(long, default_value_t = 600)]
+    pub join_timeout: u64,
 }
 
 #[derive(Clone)]
@@ -315,6 +320,8 @@ struct Session {
     changes: Vec<HyperParameterChange>,
     /// How long to keep trying an unreachable coordinator.
     patience: Duration,
+    /// How long a join waits for a group to form (0: for ever).
+    join_timeout: Duration,
     /// The last step reported (the liveness thread sends it too).
     step: Arc<AtomicU64>,
     /// When the coordinator last answered a heartbeat of this worker.
@@ -406,12 +413,21 @@ impl Session {
 
     /// Asks to join until assigned; `abandoned` reports the generation given up, once. A
     /// worker the coordinator keeps waiting (rendezvous, or a standby while a group runs)
-    /// waits as long as it takes; a coordinator out of reach is waited for `patience`.
+    /// waits at most `join_timeout` (0: for ever); a coordinator out of reach is waited for
+    /// `patience`.
     fn rendezvous(&mut self, mut abandoned: Option<(u64, String)>) -> Result<JoinReply> {
         let mut unreachable_since: Option<Instant> = None;
+        let started = Instant::now();
         loop {
             if self.terminate.load(Ordering::Relaxed) {
                 return Err(Error::Terminated(0));
+            }
+            if !self.join_timeout.is_zero() && started.elapsed() > self.join_timeout {
+                return Err(Error::Coordinator(format!(
+                    "no group formed within {} s (--join-timeout): the coordinator is waiting \
+                     for more workers than have joined",
+                    self.join_timeout.as_secs()
+                )));
             }
             let (gen_, reason) = abandoned.clone().unwrap_or_default();
             let req = JoinRequest {
@@ -679,6 +695,7 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
         generation: 0,
         changes: Vec::new(),
         patience: Duration::from_secs(args.wait_coordinator),
+        join_timeout: Duration::from_secs(args.join_timeout),
         step: Arc::new(AtomicU64::new(0)),
         beat: Arc::new(Beat::new()),
         host: advertised.host.clone(),

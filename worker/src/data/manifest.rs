@@ -115,14 +115,25 @@ impl Manifest {
                 format!("shards do not match the manifest: {}", bad.join("; ")),
             ));
         }
-        // A cache that cannot be written (a read-only home) only costs the next open time.
+        // A cache that cannot be written (a read-only home) only costs the next open time:
+        // said once per process, with the remedy.
         if let Some(path) = cache
             && let Ok(json) = serde_json::to_vec(&known)
         {
-            if let Some(parent) = path.parent() {
-                let _ = std::fs::create_dir_all(parent);
+            let written = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| write_atomic(path, &json));
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if let Err(e) = written
+                && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                eprintln!(
+                    "warning: cannot write the verified-shard cache {}: {e}; every start hashes \
+                     the data set again (set AXIAL_CACHE_DIR to a writable folder)",
+                    path.display()
+                );
             }
-            let _ = write_atomic(path, &json);
         }
         Ok(())
     }
