@@ -84,7 +84,10 @@ pub async fn serve(
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        state.set_commit_delay(ms);
+        let step = std::env::var("AXIAL_TEST_COMMIT_DELAY_STEP")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        state.set_commit_delay(ms, step);
     }
     if let Some(c) = state.committed() {
         eprintln!(

@@ -408,6 +408,10 @@ impl Coordinator for Service {
             // connection reset): the files, the manifest and the committed pointer are one
             // unit. Old checkpoints are pruned after, best effort.
             Cast::Commit(c) => {
+                eprintln!(
+                    "coordinator: writing the commit of step {}",
+                    c.position.step
+                );
                 let svc = self.clone();
                 tokio::spawn(async move {
                     let _one_at_a_time = svc.commit_io.lock().await;
@@ -492,7 +496,7 @@ mod tests {
             timeout_ms: 10_000,
         };
         let mut state = JobState::new(job, members, false).expect("state");
-        state.set_commit_delay(600);
+        state.set_commit_delay(600, None);
         let crate::job::Join::Assigned { assignment, .. } = state.join("a", 1, None, 0) else {
             panic!("group")
         };

@@ -3,7 +3,12 @@
 //!
 //! Faults: SIGKILL of a worker, SIGKILL of the coordinator (started again with `--resume`),
 //! SIGSTOP of a worker for a random time, SIGTERM of a worker (it drains the group, leaves and
-//! exits 143; a replacement joins), and a worker's link cut for a
+//! exits 143; a replacement joins), and, around a commit in flight (the coordinator started
+//! with a test-only delay of its commit writer): the coordinator killed while a commit is
+//! written (before or after its manifest, before the reply), rank 0 killed right after its
+//! vote, rank 0 stopped for longer than the heartbeat timeout, then continued, and a storage
+//! stall (one commit slower than the vote's deadline); some trials keep only one checkpoint
+//! (`keep = 1`). And a worker's link cut for a
 //! random time (on a virtual cluster: each process on a host of its own; where namespaces
 //! cannot be made, everything runs on loopback and the link fault is left out). A supervisor
 //! starts a worker that died again under its id, as `launch --max-restarts` and the Kubernetes
@@ -12,7 +17,8 @@
 //! Every trial must finish, consume every sample of every epoch exactly once (the sample
 //! logs), end with identical replicas and, since the group ends at its original size, write
 //! final model and optimizer files byte-identical to the uninterrupted run's: data order,
-//! augmentation and reduction order are deterministic, so recovery must be exact.
+//! augmentation and reduction order are deterministic, so recovery must be exact. Every
+//! committed checkpoint left must verify.
 //!
 //!     AXIAL_CHAOS_TRIALS=20 cargo test -p axial-e2e --test chaos -- --nocapture
 //!
@@ -31,7 +37,7 @@ const TRAIN: usize = 200;
 /// 2 epochs of 200 samples in steps of 2 x 8: 13 steps each.
 const FINAL_STEP: u64 = 26;
 
-fn job_toml() -> String {
+fn job_toml(keep: u64) -> String {
     format!(
         r#"
 [model]
@@ -55,7 +61,7 @@ log_every = 2
 [checkpoint]
 dir = "ckpt"
 every_steps = 3
-keep = 3
+keep = {keep}
 [metrics]
 listen = ""
 "#
@@ -86,6 +92,10 @@ enum Fault {
     StopWorker,
     TermWorker,
     CutLink,
+    KillCoordinatorInCommit,
+    KillRank0AfterVote,
+    StopRank0,
+    StorageStall,
 }
 
 impl Fault {
@@ -96,6 +106,20 @@ impl Fault {
             Fault::StopWorker => "SIGSTOP worker",
             Fault::TermWorker => "SIGTERM worker",
             Fault::CutLink => "cut link",
+            Fault::KillCoordinatorInCommit => "SIGKILL coordinator in a commit",
+            Fault::KillRank0AfterVote => "SIGKILL rank 0 after its vote",
+            Fault::StopRank0 => "SIGSTOP rank 0 past the heartbeat timeout",
+            Fault::StorageStall => "storage stall past the vote deadline",
+        }
+    }
+
+    /// The test-only commit delay the coordinator runs with for this fault: (ms, only the
+    /// commit of this step).
+    fn commit_delay(self, at: u64) -> Option<(u64, Option<u64>)> {
+        match self {
+            Fault::KillCoordinatorInCommit | Fault::KillRank0AfterVote => Some((1500, None)),
+            Fault::StorageStall => Some((11_000, Some(at))),
+            _ => None,
         }
     }
 }
@@ -112,6 +136,8 @@ struct Run<'a> {
     workers: Vec<Child>,
     restarts: usize,
     port: u16,
+    /// The coordinator's test-only commit delay (see `Fault::commit_delay`).
+    delay: Option<(u64, Option<u64>)>,
 }
 
 /// The lines of `stream`, each with the moment it was read (printed as they come).
@@ -137,15 +163,20 @@ fn signal(pid: u32, sig: &str) {
 }
 
 impl<'a> Run<'a> {
-    fn start(dir: &Path, cluster: Option<&'a VirtualCluster>) -> Self {
-        std::fs::write(dir.join("job.toml"), job_toml()).expect("job");
+    fn start(
+        dir: &Path,
+        cluster: Option<&'a VirtualCluster>,
+        keep: u64,
+        delay: Option<(u64, Option<u64>)>,
+    ) -> Self {
+        std::fs::write(dir.join("job.toml"), job_toml(keep)).expect("job");
         std::fs::write(dir.join("token"), TOKEN).expect("token");
         let port = if cluster.is_some() {
             50051
         } else {
             axial_e2e::free_port()
         };
-        let (coordinator, lines) = Self::coordinator(dir, cluster, port, false);
+        let (coordinator, lines) = Self::coordinator(dir, cluster, port, false, delay);
         let mut run = Self {
             dir: dir.to_path_buf(),
             cluster,
@@ -155,6 +186,7 @@ impl<'a> Run<'a> {
             workers: Vec::new(),
             restarts: 0,
             port,
+            delay,
         };
         run.wait_for(|l| l.contains("listening on"), Duration::from_secs(30));
         run.workers = (0..2).map(|i| run.worker(i)).collect();
@@ -170,6 +202,7 @@ impl<'a> Run<'a> {
         cluster: Option<&VirtualCluster>,
         port: u16,
         resume: bool,
+        delay: Option<(u64, Option<u64>)>,
     ) -> (Child, Receiver<(String, Instant)>) {
         let host = Self::coordinator_host(cluster);
         let mut cmd = match cluster {
@@ -191,6 +224,12 @@ impl<'a> Run<'a> {
         .stderr(Stdio::piped());
         if resume {
             cmd.arg("--resume");
+        }
+        if let Some((ms, step)) = delay {
+            cmd.env("AXIAL_TEST_COMMIT_DELAY_MS", ms.to_string());
+            if let Some(step) = step {
+                cmd.env("AXIAL_TEST_COMMIT_DELAY_STEP", step.to_string());
+            }
         }
         let mut child = cmd.spawn().expect("serve");
         let rx = stream_timed(child.stderr.take().expect("stderr"));
@@ -293,6 +332,45 @@ impl<'a> Run<'a> {
         self.workers[i].id()
     }
 
+    /// The worker that is rank 0 of the newest generation (from the workers' logs).
+    fn rank0(&self) -> usize {
+        let newest = |i: usize| -> (u64, bool) {
+            let log =
+                std::fs::read_to_string(self.dir.join(format!("w{i}.log"))).unwrap_or_default();
+            log.lines()
+                .filter_map(|l| {
+                    let rest = l.split(": rank ").nth(1)?;
+                    let rank: u64 = rest.split(' ').next()?.parse().ok()?;
+                    let g: u64 = rest
+                        .split("generation ")
+                        .nth(1)?
+                        .split(',')
+                        .next()?
+                        .parse()
+                        .ok()?;
+                    Some((g, rank == 0))
+                })
+                .max()
+                .unwrap_or((0, false))
+        };
+        let (a, b) = (newest(0), newest(1));
+        if a.0 >= b.0 {
+            usize::from(!a.1)
+        } else {
+            usize::from(b.1)
+        }
+    }
+
+    /// Restarts the coordinator (killed) on its saved state.
+    fn restart_coordinator(&mut self) {
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
+        std::thread::sleep(Duration::from_millis(1000));
+        let (c, lines) = Run::coordinator(&self.dir, self.cluster, self.port, true, self.delay);
+        self.coordinator = c;
+        self.lines = lines;
+    }
+
     /// Waits for the coordinator and both workers to end well.
     fn finish(mut self) -> Vec<(String, Instant)> {
         let deadline = Instant::now() + Duration::from_secs(240);
@@ -354,18 +432,21 @@ struct Row {
 }
 
 /// One trial: the job with `fault` after the commit of step `at`; returns its table row.
+#[allow(clippy::too_many_arguments)]
 fn trial(
     n: usize,
     fault: Fault,
     at: u64,
     hold: Duration,
+    keep: u64,
     cluster: Option<&VirtualCluster>,
     reference: &(Vec<u8>, Vec<u8>),
     dice: &mut Dice,
 ) -> Row {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let mut run = Run::start(dir, cluster);
+    // A storage stall slows the commit after the one the fault waits for.
+    let mut run = Run::start(dir, cluster, keep, fault.commit_delay(at + 3));
     run.wait_for(
         |l| committed_step(l).is_some_and(|s| s >= at),
         Duration::from_secs(120),
@@ -373,12 +454,23 @@ fn trial(
     let victim = dice.below(2) as usize;
     let hit = Instant::now();
     let moment = format!(
-        "after step {at}{}",
+        "after step {at}{}{}",
         match fault {
-            Fault::StopWorker | Fault::CutLink => format!(", {:.0} s", hold.as_secs_f64()),
+            Fault::StopWorker | Fault::CutLink | Fault::StopRank0 => {
+                format!(", {:.0} s", hold.as_secs_f64())
+            }
+            Fault::StorageStall => format!("; the commit of step {} 11 s", at + 3),
             _ => String::new(),
-        }
+        },
+        if keep == 1 { ", keep 1" } else { "" }
     );
+    // The first commit written after `at` (its vote just in).
+    let in_commit = |l: &str| {
+        l.split("writing the commit of step ")
+            .nth(1)
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_some_and(|s| s > at)
+    };
     match fault {
         Fault::KillWorker => signal(run.pid(victim), "-KILL"),
         // It drains the group and leaves, exiting 143; the supervisor starts a replacement,
@@ -396,14 +488,35 @@ fn trial(
             std::thread::sleep(hold);
             c.restore(&host);
         }
-        Fault::KillCoordinator => {
-            let _ = run.coordinator.kill();
-            let _ = run.coordinator.wait();
-            std::thread::sleep(Duration::from_millis(1000));
-            let (c, lines) = Run::coordinator(dir, cluster, run.port, true);
-            run.coordinator = c;
-            run.lines = lines;
+        Fault::KillCoordinator => run.restart_coordinator(),
+        Fault::KillCoordinatorInCommit => {
+            // The writer takes 1.5 s: killed before its rename and manifest, or after them
+            // and before the committed pointer and the reply.
+            if run
+                .wait_for_or_end(in_commit, Duration::from_secs(60))
+                .is_some()
+            {
+                std::thread::sleep(Duration::from_millis(dice.below(2000)));
+                run.restart_coordinator();
+            }
         }
+        Fault::KillRank0AfterVote => {
+            if run
+                .wait_for_or_end(in_commit, Duration::from_secs(60))
+                .is_some()
+            {
+                let rank0 = run.rank0();
+                signal(run.pid(rank0), "-KILL");
+            }
+        }
+        Fault::StopRank0 => {
+            let rank0 = run.rank0();
+            signal(run.pid(rank0), "-STOP");
+            std::thread::sleep(hold);
+            signal(run.pid(rank0), "-CONT");
+        }
+        // The commit after step `at` stalls past its vote's deadline.
+        Fault::StorageStall => {}
     }
     // Detection: the coordinator names the fault (a lost, failed or restarted member), or,
     // for its own death, its successor forms a group. Recovery: the first commit after the
@@ -444,6 +557,11 @@ fn trial(
     )
     .expect("json");
     assert_eq!(manifest["world"].as_u64(), Some(2), "trial {n}: {manifest}");
+    // Every committed checkpoint left is whole.
+    for folder in axial_worker::train::checkpoint::list(&dir.join("ckpt")) {
+        axial_worker::train::checkpoint::verify(&folder)
+            .unwrap_or_else(|e| panic!("trial {n}: {} does not verify: {e}", folder.display()));
+    }
     let files = final_files(dir);
     assert!(
         files == *reference,
@@ -485,6 +603,10 @@ fn chaos_campaign() {
         Fault::KillCoordinator,
         Fault::StopWorker,
         Fault::TermWorker,
+        Fault::KillCoordinatorInCommit,
+        Fault::KillRank0AfterVote,
+        Fault::StopRank0,
+        Fault::StorageStall,
     ];
     if cluster.is_some() {
         faults.push(Fault::CutLink);
@@ -494,7 +616,7 @@ fn chaos_campaign() {
     // The uninterrupted run.
     let tmp = tempfile::tempdir().expect("tempdir");
     let start = Instant::now();
-    Run::start(tmp.path(), cluster.as_ref()).finish();
+    Run::start(tmp.path(), cluster.as_ref(), 3, None).finish();
     let reference = final_files(tmp.path());
     println!("uninterrupted run: {:.1} s", start.elapsed().as_secs_f64());
     let mut dice = Dice(seed);
@@ -508,7 +630,17 @@ fn chaos_campaign() {
         let fault = order.remove(dice.below(order.len() as u64) as usize);
         let at = 3 * (1 + dice.below(7)); // a commit at step 3 .. 21
         let hold = Duration::from_secs(4 + dice.below(9)); // 4 .. 12 s
-        let row = trial(n, fault, at, hold, cluster.as_ref(), &reference, &mut dice);
+        let keep = if dice.below(3) == 0 { 1 } else { 3 };
+        let row = trial(
+            n,
+            fault,
+            at,
+            hold,
+            keep,
+            cluster.as_ref(),
+            &reference,
+            &mut dice,
+        );
         println!(
             "trial {n}: {} {}: detected {:?} s, first commit after recovery {:?} s",
             fault.name(),

@@ -940,7 +940,7 @@ fn a_local_rank_past_its_restarts_ends_the_node() {
 fn reports_far_apart_keep_the_connection_and_the_generation() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let job = JOB
-        .replace("train = 200", "train = 640")
+        .replace("train = 200", "train = 1280")
         .replace("image_size = 32", "image_size = 96")
         .replace("epochs = 2", "epochs = 1")
         .replace("log_every = 4", "log_every = 1000")

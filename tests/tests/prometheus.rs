@@ -23,7 +23,7 @@ width = 0.125
 num_classes = 10
 [data]
 format = "builtin"
-train = 1600
+train = 6400
 val = 48
 image_size = 32
 loader_threads = 1
@@ -246,18 +246,18 @@ fn a_real_prometheus_scrapes_the_coordinator_and_the_workers() {
         10,
         |r| r.len() == 1 && value(&r[0]) == 1.0,
     );
-    // 200 steps in all: the coordinator heard of the last one; the workers were scraped until
+    // 800 steps in all: the coordinator heard of the last one; the workers were scraped until
     // near their end (they exit without waiting for a last scrape).
     wait_for(
         &prom,
         "max_over_time(axial_coordinator_global_step[5m])",
         10,
-        |r| r.len() == 1 && value(&r[0]) == 200.0,
+        |r| r.len() == 1 && value(&r[0]) == 800.0,
     );
     wait_for(
         &prom,
         "max_over_time(axial_worker_steps_total[5m])",
         10,
-        |r| r.len() == 2 && r.iter().all(|s| (150.0..=200.0).contains(&value(s))),
+        |r| r.len() == 2 && r.iter().all(|s| (600.0..=800.0).contains(&value(s))),
     );
 }

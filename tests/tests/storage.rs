@@ -147,7 +147,7 @@ fn bytes_of(path: &Path) -> u64 {
     }
 }
 
-/// The checkpoint folder on a tmpfs too small for the third checkpoint: the job stops with an
+/// The checkpoint folder on a tmpfs too small for a second checkpoint: the job stops with an
 /// error that names the folder and the lack of space; the last committed checkpoint is whole;
 /// once the tmpfs is enlarged, `launch --resume` ends the job exactly as an uninterrupted run
 /// ends it.
@@ -161,8 +161,8 @@ fn a_full_disk_stops_the_job_clearly_and_it_resumes_once_space_returns() {
     assert!(out.status.success());
     let one = bytes_of(&ckpt.join("ckpt-0000000026"));
     assert!(one > 100_000, "a checkpoint of {one} bytes");
-    // Two committed checkpoints fit, the third's staging folder does not.
-    let mb = (2 * one + one / 2).div_ceil(1 << 20).max(1);
+    // One committed checkpoint fits, the second's staging folder does not.
+    let mb = (one + one / 2).div_ceil(1 << 20).max(1);
     let fs = match Tmpfs::mount(mb) {
         Ok(fs) => fs,
         Err(why) => {

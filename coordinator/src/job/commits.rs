@@ -368,7 +368,11 @@ impl JobState {
             position: pos,
             dir: self.job.checkpoint.dir.clone(),
             keep: self.job.checkpoint.keep,
-            delay_ms: self.commit_delay_ms,
+            delay_ms: match self.commit_delay {
+                (ms, None) => ms,
+                (ms, Some(step)) if step == pos.step => ms,
+                _ => 0,
+            },
         })
     }
 }

@@ -121,8 +121,9 @@ pub struct JobState {
     /// The step of the commit being written, if one is: no group forms (no resume point is
     /// handed out) until it is recorded.
     commit_in_flight: Option<u64>,
-    /// Test-only delay of every commit's writer (`AXIAL_TEST_COMMIT_DELAY_MS` for `serve`).
-    commit_delay_ms: u64,
+    /// Test-only delay of the commits' writer (`AXIAL_TEST_COMMIT_DELAY_MS` for `serve`), and
+    /// the one step whose commit it delays (`AXIAL_TEST_COMMIT_DELAY_STEP`; every one if None).
+    commit_delay: (u64, Option<u64>),
     /// The generation whose resume point was last verified.
     verified_for: Option<u64>,
     /// The coordinator got SIGTERM: the running group drains to a checkpoint, and no group
@@ -251,7 +252,7 @@ impl JobState {
             commit_failures: (0, 0, None),
             prune_failures: (0, None),
             commit_in_flight: None,
-            commit_delay_ms: 0,
+            commit_delay: (0, None),
             verified_for: None,
             stopping: false,
             failed: None,
@@ -545,10 +546,10 @@ impl JobState {
         self.vote_timeout_ms = ms.max(1);
     }
 
-    /// Test-only: every commit's writer first sleeps `ms` (a commit slower than the vote's
-    /// deadline, as on a stalled shared file system).
-    pub fn set_commit_delay(&mut self, ms: u64) {
-        self.commit_delay_ms = ms;
+    /// Test-only: the commits' writer first sleeps `ms` (a commit slower than the vote's
+    /// deadline, as on a stalled shared file system): every commit's, or only that of `step`.
+    pub fn set_commit_delay(&mut self, ms: u64, step: Option<u64>) {
+        self.commit_delay = (ms, step);
     }
 
     /// A group whose global step does not advance for `ms` (0: off) is ended and re-formed: a
